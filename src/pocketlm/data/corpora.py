@@ -83,14 +83,19 @@ _SPEAKER = re.compile(r"^([A-Z][A-Za-z' .-]*):$")
 def read_shakespeare(path: str | Path, *, min_turns: int = 20, max_users: int | None = None) -> UserCorpus:
     """Tiny Shakespeare: blank-line-separated speaker blocks; a speaker is a user, a turn a document."""
     path = Path(path)
-    corpus: UserCorpus = {}
+    turns: list[tuple[str, list[str]]] = []
     for n, block in enumerate(_read_text(path).split("\n\n"), 1):
         lines = block.strip("\n").split("\n")
-        if len(lines) < 2 or not _SPEAKER.match(lines[0]):
-            if block.strip():
-                log.debug("%s: block %d has no speaker line; skipped", path, n)
-            continue
-        corpus.setdefault(lines[0][:-1], []).append("\n".join(lines[1:]))
+        if _SPEAKER.match(lines[0]):
+            turns.append((lines[0][:-1], lines[1:]))
+        elif turns and block.strip():  # a speech separated from its speaker line by a blank line
+            turns[-1][1].extend(lines)
+        elif block.strip():
+            log.debug("%s: block %d has no speaker; skipped", path, n)
+    corpus: UserCorpus = {}
+    for speaker, lines in turns:  # the source has a few empty turns (a speaker line and nothing else)
+        if text := "\n".join(lines).strip():
+            corpus.setdefault(speaker, []).append(text)
     corpus = {u: d for u, d in corpus.items() if len(d) >= min_turns}
     ranked = sorted(corpus, key=lambda u: (-len(corpus[u]), u))
     if max_users:

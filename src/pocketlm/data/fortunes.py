@@ -81,7 +81,16 @@ def _lang_files(root: Path, lang: str) -> list[Path]:
 
 
 def split_entries(text: str) -> list[str]:
-    return [e.strip() for e in text.replace("\r\n", "\n").split("\n%\n") if e.strip() and e.strip() != "%"]
+    """Entries end at a line holding only `%` (empty entries from doubled separators are dropped)."""
+    entries, current = [], []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.strip() == "%":
+            entries.append("\n".join(current).strip())
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current).strip())
+    return [e for e in entries if e]
 
 
 def read_fortunes(langs: list[str] | None = None) -> dict[str, list[str]]:

@@ -93,8 +93,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except ValueError as e:
         raise ModelLoadError(f"unsupported architecture in {path}: {e}") from e
-    except (OSError, RuntimeError, EnvironmentError) as e:
-        raise ModelLoadError(f"cannot load weights from {path} (corrupt or incomplete?): {e}") from e
+    except Exception as e:  # safetensors/torch raise assorted errors on corrupt files
+        raise ModelLoadError(f"cannot load weights from {path} (corrupt or incomplete?): {type(e).__name__}: {e}") from e
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
