@@ -1,0 +1,22 @@
+"""CoMiGS mixture of LoRA experts: layers, injection into HF models, parameter roles, shared/private files."""
+
+from .inject import (
+    ROLES,
+    MoEConfig,
+    RoutingRecorder,
+    inject_moe,
+    mixture_layers,
+    moe_aux_loss,
+    param_role,
+    reset_adapters,
+    routing_stats,
+)
+from .lora import AttnLoRALinear, LoRAFactors
+from .mixture import MixtureMLP
+from .state import load_parts, load_trainable_state, save_parts, trainable_state
+
+__all__ = [
+    "ROLES", "AttnLoRALinear", "LoRAFactors", "MixtureMLP", "MoEConfig", "RoutingRecorder", "inject_moe",
+    "load_parts", "load_trainable_state", "mixture_layers", "moe_aux_loss", "param_role", "reset_adapters",
+    "routing_stats", "save_parts", "trainable_state",
+]

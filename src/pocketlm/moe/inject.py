@@ -1,0 +1,162 @@
+"""Turn a Hugging Face causal LM into a CoMiGS mixture model, in place.
+
+Supported families: llama-style gated MLPs (llama, qwen2, qwen3, mistral: gate/up/down + act_fn) and GPT-2
+(c_fc/c_proj Conv1D + act). Every base parameter is frozen; only LoRA factors and routers train.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PocketLMError
+from .lora import AttnLoRALinear
+from .mixture import MixtureMLP
+
+log = logging.getLogger(__name__)
+
+ATTN_PROJ = {"gated": ("q_proj", "k_proj", "v_proj", "o_proj"), "gpt2": ("c_attn", "c_proj")}
+PATHS = ("fused", "reference")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 2        # E >= 1: expert 0 is the generalist, 1..E-1 specialists; E=1 has no router
+    top_k: int = 2              # effective k = min(top_k, E)
+    rank: int = 8
+    alpha: float = 16.0         # scale alpha / sqrt(rank)
+    path: str = "fused"         # "fused" | "reference"
+    attn_lora: bool = True      # one shared LoRA on every attention projection
+    router: bool = True         # False: uniform mean over experts (official Local/FedAvg baselines)
+    lb_coef: float = 0.0        # load-balancing loss coefficient
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_experts < 1 or self.top_k < 1 or self.rank < 1 or self.alpha <= 0:
+            raise PocketLMError(f"invalid MoE config: {self}")
+        if self.path not in PATHS:
+            raise PocketLMError(f"unknown mixture path {self.path!r}; choose one of {PATHS}")
+
+
+def _family(mlp: nn.Module) -> str | None:
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "gated"
+    if all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
+        return "gpt2"
+    return None
+
+
+def _mlps(model: nn.Module):
+    """(parent, attribute, mlp, family) for each transformer block's MLP."""
+    found = []
+    for name, module in model.named_modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, nn.Module) and not isinstance(mlp, MixtureMLP):
+            fam = _family(mlp)
+            if fam:
+                found.append((module, name, mlp, fam))
+    return found
+
+
+def _attention(block: nn.Module) -> nn.Module | None:
+    return getattr(block, "self_attn", None) or getattr(block, "attn", None)
+
+
+def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
+    """Freeze the base, replace every MLP by a `MixtureMLP`, add attention LoRA. Returns the same model."""
+    blocks = _mlps(model)
+    if not blocks:
+        arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise PocketLMError(f"cannot inject experts into {arch!r}: no llama-style or GPT-2 MLP blocks found")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block, _, mlp, fam in blocks:
+        block.mlp = MixtureMLP(mlp, fam, num_experts=cfg.num_experts, top_k=cfg.top_k, rank=cfg.rank,
+                               alpha=cfg.alpha, path=cfg.path, router=cfg.router, lb_coef=cfg.lb_coef)
+        attn = _attention(block)
+        if cfg.attn_lora and attn is not None:
+            for proj in ATTN_PROJ[fam]:
+                lin = getattr(attn, proj, None)
+                if lin is not None and not isinstance(lin, AttnLoRALinear):
+                    setattr(attn, proj, AttnLoRALinear(lin, cfg.rank, cfg.alpha))
+    reset_adapters(model, seed=cfg.seed)
+    model.moe_config = cfg
+    return model
+
+
+def reset_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Re-initialise every LoRA (A random per name, B zero) and router (N(0, 0.02) per name)."""
+    from .lora import LoRAFactors, named_generator
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAFactors):
+            module.reset(seed, name)
+        elif isinstance(module, MixtureMLP) and module.router is not None:
+            w = torch.empty(module.router.weight.shape)
+            nn.init.normal_(w, 0.0, 0.02, generator=named_generator(seed, name + ".router"))
+            with torch.no_grad():
+                module.router.weight.copy_(w)
+    for name, p in model.named_parameters():
+        p.requires_grad_(param_role(name) is not None)
+
+
+def mixture_layers(model: nn.Module) -> list[tuple[int, MixtureMLP]]:
+    return [(i, m) for i, m in enumerate(m for m in model.modules() if isinstance(m, MixtureMLP))]
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """coef * mean over layers of the load-balancing loss of the last forward (0 when disabled)."""
+    losses = [m.lb_coef * m.last_aux for _, m in mixture_layers(model) if m.last_aux is not None and m.lb_coef > 0]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def routing_stats(model: nn.Module) -> dict[int, float]:
+    """{layer: share of gate weight on the generalist (expert 0)} — accumulated while `RoutingRecorder` is
+    active, else from the last forward."""
+    out = {}
+    for i, m in mixture_layers(model):
+        if m.record is not None and m.record[1] > 0:
+            out[i] = m.record[0] / m.record[1]
+        elif m.last_share is not None:
+            out[i] = m.last_share
+    return out
+
+
+class RoutingRecorder:
+    """Context manager: accumulate the generalist's gate share over all forwards inside it."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for _, m in mixture_layers(model)]
+        self.model = model
+        self.stats: dict[int, float] = {}
+
+    def __enter__(self):
+        for m in self.layers:
+            m.record = [0.0, 0]
+        return self
+
+    def __exit__(self, *exc):
+        self.stats = routing_stats(self.model)
+        for m in self.layers:
+            m.record = None
+        return False
+
+
+ROLES = ("generalist", "specialist", "router", "attn_lora")
+
+
+def param_role(name: str) -> str | None:
+    """Role of a parameter by name: generalist / specialist / router / attn_lora, None for frozen base."""
+    if ".attn_lora." in name:
+        return "attn_lora"
+    if ".router." in name:
+        return "router"
+    if ".experts." in name:
+        idx = name.split(".experts.", 1)[1].split(".", 1)[0]
+        return "generalist" if idx == "0" else "specialist"
+    return None

@@ -1,0 +1,136 @@
+"""The mixture MLP: E LoRA experts over one frozen MLP, mixed per token by a learned router.
+
+Expert e computes the full MLP with `W + s B_e A_e` on every MLP linear; the layer returns
+`sum_e g_e(x) MLP_e(x)`. Because the activation sits between the linears, the mixture is over expert
+*outputs*, and each expert runs its own activation (CoMiGS §1.2).
+
+Two paths compute the same function:
+- `reference`: each expert runs the whole MLP, as the official code does (E frozen projections per linear);
+- `fused`: the frozen projections run once whatever E. The first projections are shared
+  (`W x` once, plus per-expert rank-r terms) and the last one is linear, so
+  `sum_e g_e W_down(h_e) = W_down(sum_e g_e h_e)`: only the rank-r terms and the activation run per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import LoRAFactors, linear_shape
+
+FAMILIES = {
+    # family: (first linears (in -> intermediate), last linear (intermediate -> out))
+    "gated": (("gate_proj", "up_proj"), "down_proj"),
+    "gpt2": (("c_fc",), "c_proj"),
+}
+
+
+class Expert(nn.Module):
+    """One expert = one LoRA per MLP linear (the frozen weights live once, in the mixture)."""
+
+    def __init__(self, mlp: nn.Module, family: str, rank: int, alpha: float):
+        super().__init__()
+        firsts, last = FAMILIES[family]
+        for name in (*firsts, last):
+            lin = getattr(mlp, name)
+            fin, fout = linear_shape(lin)
+            self.add_module(name, LoRAFactors(fin, fout, rank, alpha, dtype=lin.weight.dtype, device=lin.weight.device))
+
+
+class MixtureMLP(nn.Module):
+    def __init__(self, mlp: nn.Module, family: str, *, num_experts: int, top_k: int, rank: int, alpha: float,
+                 path: str, router: bool, lb_coef: float):
+        super().__init__()
+        self.base = mlp  # frozen; keeps its own activation (and GPT-2's dropout)
+        self.family, self.path, self.lb_coef = family, path, lb_coef
+        self.num_experts, self.top_k = num_experts, min(top_k, num_experts)
+        self.experts = nn.ModuleList(Expert(mlp, family, rank, alpha) for _ in range(num_experts))
+        self.router = None
+        if router and num_experts > 1:
+            hidden = linear_shape(getattr(mlp, FAMILIES[family][0][0]))[0]
+            w = mlp.c_fc.weight if family == "gpt2" else mlp.gate_proj.weight
+            self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
+        self.last_aux: torch.Tensor | None = None
+        self.record: list[float] | None = None  # [sum of gate-0 weight, tokens] while recording
+        self.last_share: float | None = None
+
+    # -- gates -------------------------------------------------------------------------------------
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, E] mixture weights (official semantics: top-k>1 renormalises over the k raw logits)."""
+        n, e = x.shape[0], self.num_experts
+        if self.router is None:
+            return x.new_full((n, e), 1.0 / e)
+        logits = self.router(x)
+        if self.top_k == 1:
+            probs = torch.softmax(logits.float(), -1)
+            top, idx = probs.max(-1, keepdim=True)
+            g = torch.zeros_like(probs).scatter(-1, idx, top)
+        elif self.top_k == e:
+            g = torch.softmax(logits.float(), -1)
+        else:
+            top, idx = logits.float().topk(self.top_k, -1)
+            g = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, idx, torch.softmax(top, -1))
+        if self.lb_coef > 0:
+            self.last_aux = self._balance_loss(logits, g)
+        return g.to(x.dtype)
+
+    def _balance_loss(self, logits: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Switch-style E * sum_i f_i P_i (f: share of top-k slots, P: mean router prob).
+
+        With E = k = 2 this is identically 1 with zero gradient, as in the official GPT-2 path (comigs.md §1.6).
+        """
+        e = self.num_experts
+        f = (g > 0).float().mean(0) / self.top_k
+        p = torch.softmax(logits.float(), -1).mean(0)
+        return e * (f * p).sum()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        g = self.gates(flat)
+        if self.record is not None:
+            with torch.no_grad():
+                self.record[0] += float(g[:, 0].float().sum())
+                self.record[1] += g.shape[0]
+        self.last_share = float(g[:, 0].float().mean().detach())
+        out = self._reference(flat, g) if self.path == "reference" else self._fused(flat, g)
+        if self.family == "gpt2":
+            out = self.base.dropout(out)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _act(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        if self.family == "gated":
+            return self.base.act_fn(pre[0]) * pre[1]
+        return self.base.act(pre[0])
+
+    def _reference(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        firsts, last = FAMILIES[self.family]
+        out = 0
+        for e, expert in enumerate(self.experts):
+            pre = [getattr(self.base, n)(x) + getattr(expert, n)(x) for n in firsts]
+            h = self._act(pre)
+            y = getattr(self.base, last)(h) + getattr(expert, last)(h)
+            out = out + g[:, e:e + 1] * y
+        return out
+
+    def _fused(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        firsts, last = FAMILIES[self.family]
+        pre = []
+        for n in firsts:
+            A = torch.stack([getattr(ex, n).lora_A for ex in self.experts])  # [E, r, d]
+            B = torch.stack([getattr(ex, n).lora_B for ex in self.experts])  # [E, I, r]
+            scale = getattr(self.experts[0], n).scale
+            low = torch.einsum("nd,erd->enr", x, A)
+            pre.append(getattr(self.base, n)(x).unsqueeze(0) + scale * torch.einsum("enr,eir->eni", low, B))
+        h = self._act(pre)                                       # [E, N, I]: the per-expert activation
+        gh = g.t().unsqueeze(-1) * h                             # g_e * h_e
+        last_lin = getattr(self.base, last)
+        base_out = last_lin(gh.sum(0))                           # W_down(sum_e g_e h_e): frozen weights once
+        if getattr(last_lin, "bias", None) is not None:          # sum_e g_e b = b only when gates sum to 1
+            base_out = base_out + (g.sum(-1, keepdim=True) - 1) * last_lin.bias
+        A = torch.stack([getattr(ex, last).lora_A for ex in self.experts])  # [E, r, I]
+        B = torch.stack([getattr(ex, last).lora_B for ex in self.experts])  # [E, d, r]
+        scale = getattr(self.experts[0], last).scale
+        low = torch.einsum("eni,eri->enr", gh, A)
+        return base_out + scale * torch.einsum("enr,edr->nd", low, B)
