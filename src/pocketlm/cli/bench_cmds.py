@@ -1,0 +1,59 @@
+"""`pocketlm bench train`: the CoMiGS training-step benchmark."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from ..bench.geometries import GEOMETRIES, load_bench_model
+from ..bench.train_bench import bench_train
+from .app import bench_app, console
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    model: str = typer.Option("smollm2-135m-geometry", help=f"Model spec or a random geometry: {', '.join(GEOMETRIES)}"),
+    experts: str = typer.Option("2,4,8", help="Expert counts to time."),
+    paths: str = typer.Option("fused,reference"),
+    batch: int = typer.Option(4),
+    seq: int = typer.Option(128),
+    steps: int = typer.Option(5, help="Timed steps (median reported)."),
+    warmup: int = typer.Option(2),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Median training-step time of single-LoRA vs mixture (fused and reference) on one model and batch."""
+    base, _ = load_bench_model(model, device=device, dtype=dtype)
+    doc = bench_train(base, experts=[int(e) for e in experts.split(",")], paths=tuple(paths.split(",")),
+                      batch=batch, seq=seq, steps=steps, warmup=warmup)
+    doc.update(model=model, hardware=hardware(), torch=torch.__version__)
+    table = Table(title=f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on {doc['hardware']}")
+    for col in ("experts", "path", "s/step", "ratio vs single LoRA", "peak mem", "per-user state"):
+        table.add_column(col, justify="right")
+    s = doc["single_lora"]
+    table.add_row("1", "single LoRA", f"{s['step_s']:.3f}", "1.00", _mb(s.get("peak_mem_bytes")),
+                  _mb(s.get("per_user_bytes")))
+    for r in doc["results"]:
+        table.add_row(str(r["experts"]), r["path"], "OOM" if r.get("oom") else f"{r['step_s']:.3f}",
+                      f"{r['ratio']:.2f}" if r.get("ratio") else "-", _mb(r.get("peak_mem_bytes")),
+                      _mb(r.get("per_user_bytes")))
+    console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"

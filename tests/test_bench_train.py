@@ -1,0 +1,40 @@
+"""The training-step benchmark runs end to end and writes the documented JSON (speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from pocketlm.bench.geometries import GEOMETRIES, load_bench_model
+from pocketlm.bench.train_bench import shared_base_view
+from pocketlm.cli import app
+from pocketlm.models import build_tiny
+
+
+def test_bench_train_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "train", "--model", "tiny-qwen2", "--experts", "2,4", "--batch", "2",
+                                   "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["single_lora_step_s"] > 0
+    assert [(r["experts"], r["path"]) for r in doc["results"]] == [
+        (2, "fused"), (2, "reference"), (4, "fused"), (4, "reference")]
+    for r in doc["results"]:
+        assert r["step_s"] > 0 and r["ratio"] > 0 and r["per_user_bytes"] > doc["single_lora"]["per_user_bytes"]
+
+
+def test_shared_base_view_shares_weights():
+    base, _ = build_tiny("tiny-llama")
+    view = shared_base_view(base)
+    assert all(a is b for a, b in zip(base.parameters(), view.parameters(), strict=True))
+
+
+def test_geometry_configs_are_real_sizes():
+    cfg = GEOMETRIES["qwen2.5-0.5b-geometry"]()
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (896, 4864, 24, 151936)
+    assert GEOMETRIES["qwen2.5-7b-geometry"]().vocab_size == 152064
+    model, _ = load_bench_model("tiny-gpt2")
+    assert next(model.parameters()).dtype == torch.float32
