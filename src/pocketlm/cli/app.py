@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import PocketLMError
 
@@ -37,5 +38,6 @@ def main() -> None:
     try:
         app()
     except PocketLMError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        # soft_wrap: never break a path across lines; escape: messages may contain [brackets]
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
