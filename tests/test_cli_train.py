@@ -55,3 +55,13 @@ def test_bad_config_gives_clean_error(tmp_path):
                            "--strategies", "1g1s,bogus", "--set", "model=tiny-llama", "--set",
                            f"corpus={tmp_path / 'none'}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_runs_on_a_tiny_model(folder_corpus, tmp_path):
+    res = runner.invoke(app, ["demo", "--model", "tiny-llama", "--corpus", str(folder_corpus), "--rounds", "1",
+                              "--local-steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "demo"),
+                              "--no-steer"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "demo" / "compare.json").read_text())
+    assert list(doc["strategies"]) == ["pretrained", "1g1s", "local", "fedavg"]
+    assert "test perplexity per user" in res.output

@@ -1,34 +1,75 @@
-"""`pocketlm demo`: the main job on the embedded defaults (SmolLM2-135M + multilingual fortunes users)."""
+"""`pocketlm demo`: the main job on the embedded defaults (SmolLM2-135M + multilingual fortunes users).
+
+1. the users and their pretrained per-user perplexity;
+2. CoMiGS (`1g1s`) against `local` and `fedavg`, trained briefly on CPU, as one per-user table + PNGs;
+3. one CoSteer generation beside the unsteered one (SmolLM2-135M plays both cloud and device here: the cloud
+   side still never sees the private context, only the chosen token ids).
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 
-from ..data import build_scenario, load_corpus, token_summary
-from ..eval import per_user_perplexity
-from ..models import load_model
+from ..collab import Workspace, compare, load_config, write_json
+from ..data import token_summary
 from .app import app, console
-from .data_cmds import ppl_table, summary_table
+from .data_cmds import summary_table
+from .train_cmds import compare_table, write_plots
+
+DEMO_CONTEXT = ("I am Giulia, a retired sailor from Genoa. I always answer in a cheerful tone, I love the sea, "
+                "boats and seafood, and I end every message with a short proverb about the sea.")
+DEMO_PROMPT = "Write two sentences about how to spend a free Sunday."
 
 
 @app.command("demo")
 def demo_cmd(
     model: str = typer.Option("smollm2-135m", help="Model spec."),
     corpus: str = typer.Option("fortunes:en,de,es,it", help="Corpus spec: 4 language users by default."),
+    strategies: str = typer.Option("1g1s,local,fedavg", help="Strategies to train and compare."),
+    rounds: int = typer.Option(4),
+    local_steps: int = typer.Option(4),
+    batch_size: int = typer.Option(4),
+    seq_len: int = typer.Option(128),
     max_chars: int = typer.Option(60_000, help="Text per user (characters) kept for the demo."),
-    block_len: int = typer.Option(128),
+    out: Path = typer.Option(Path("runs/demo"), help="Where results, adapters and PNGs go."),
+    steer: bool = typer.Option(True, help="End with a steered vs plain generation."),
     device: str = typer.Option(None),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(42),
 ) -> None:
-    """Per-user perplexity of the pretrained model on 4 users writing in 4 languages."""
+    """Train CoMiGS vs local vs FedAvg briefly on 4 users writing in 4 languages; then steer one answer."""
     t0 = time.time()
-    m, tok = load_model(model, device=device)
-    console.print(f"[bold]model[/] {model}: {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters, "
-                  f"loaded in {time.time() - t0:.1f}s")
-    data = build_scenario(load_corpus(corpus), tok, scenario="id", seed=seed, max_chars=max_chars)
-    console.print(summary_table(token_summary(data), f"users of {corpus} (in-distribution splits)"))
-    ppl = per_user_perplexity(m, data, split="test", block_len=block_len, pad_id=tok.pad_token_id or 0)
-    console.print(ppl_table(ppl, f"pretrained {model}: test perplexity per user"))
+    cfg = load_config(None, {
+        "model": model, "corpus": corpus, "scenario": "id", "max_chars": max_chars, "rounds": rounds,
+        "local_steps": local_steps, "batch_size": batch_size, "seq_len": seq_len, "router_every": local_steps, "router_steps": 2,
+        "eval_every": rounds, "seed": seed, "device": device, "out_dir": str(out / "{strategy}"),
+    })
+    ws = Workspace.load(cfg)
+    n_params = sum(p.numel() for p in ws.base.parameters()) / 1e6
+    console.print(f"[bold]model[/] {model}: {n_params:.1f}M parameters (frozen; users train LoRA experts)")
+    console.print(summary_table(token_summary(ws.data), f"users of {corpus} (in-distribution splits)"))
+    names = ["pretrained", *[s.strip() for s in strategies.split(",") if s.strip()]]
+    console.print(f"training {', '.join(names[1:])}: {rounds} rounds x {local_steps} steps of "
+                  f"{batch_size} x {cfg.seq_len} tokens per user")
+    doc = compare(ws, names)
+    write_json(doc, out / "compare.json")
+    console.print(compare_table(doc["strategies"], "test perplexity per user (lower is better)"))
+    for p in write_plots(doc["histories"], out, "demo: fortunes users"):
+        console.print(f"plot: {p}")
+    if steer:
+        _steer_demo(model, device)
     console.print(f"done in {time.time() - t0:.0f}s")
+
+
+def _steer_demo(model: str, device: str | None) -> None:
+    from ..steer.demo import steered_vs_plain
+
+    console.print(f"\n[bold]CoSteer[/]: {model} plays the cloud (sees only the prompt) and the device "
+                  "(also sees the private context)")
+    console.print(f"[dim]private context (stays on the device):[/] {DEMO_CONTEXT}")
+    console.print(f"[dim]prompt (goes to the cloud):[/] {DEMO_PROMPT}")
+    plain, steered = steered_vs_plain(model, model, DEMO_CONTEXT, DEMO_PROMPT, max_new_tokens=60, device=device)
+    console.print(f"[bold]cloud alone:[/] {plain.strip()}")
+    console.print(f"[bold]steered:[/] {steered.strip()}")
