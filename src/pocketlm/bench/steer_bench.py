@@ -1,0 +1,62 @@
+"""Decoding benchmark: plain cloud greedy decoding vs each steering method, batch 1, one run.
+
+Every configuration decodes the same query (and the same synthetic private context) through the same
+engine, EOS ignored, so all produce exactly `tokens` tokens. Rounds are interleaved across configurations
+(median reported), so background load hits all alike and the ratios stay meaningful on a busy machine.
+tok/s counts decode time only (after prefill): (tokens - 1) forward steps plus `tokens` fusions.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import replace
+
+from ..progress import progress
+from ..steer.decoding import SteerEngine, SteerRequest
+from ..steer.methods import Method, get_method
+
+log = logging.getLogger(__name__)
+
+QUERY = "Write a short note to a friend about the weekend plans."
+CONTEXT_SENTENCE = "I live by the sea, love sailing and early mornings, and write in a warm, plain style. "
+
+
+def synthetic_context(tokenizer, n_tokens: int) -> str:
+    """About `n_tokens` tokens of private-context text for the device tokenizer."""
+    text = CONTEXT_SENTENCE
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
+        text += CONTEXT_SENTENCE
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32, context_tokens: int = 1024,
+                repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True) -> dict:
+    ctx = synthetic_context(engine.device_tok, context_tokens)
+    req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
+    configs: list[tuple[str, Method, bool]] = [("plain", get_method("cloud"), True)]
+    configs += [(m.name, m, True) for m in methods]
+    if unbatched:
+        m = get_method("closed_form")
+        configs.append(("closed_form/unbatched_device", replace(m, name="closed_form"), False))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    steered: dict[str, int] = {}
+    for rnd in progress(range(repeats + 1), desc="steer bench rounds", total=repeats + 1):
+        for name, m, fused in configs:
+            engine.fuse_device_streams = fused
+            n = warmup_tokens if rnd == 0 else tokens
+            g = engine.generate([req], [m], max_new_tokens=n, ignore_eos=True)[0]
+            if rnd > 0:
+                times[name].append(engine.timings["decode_s"])
+                steered[name] = g.steered_tokens
+    engine.fuse_device_streams = True
+    tok_s = {name: (tokens - 1) / statistics.median(t) for name, t in times.items()}
+    plain = tok_s.pop("plain")
+    doc = {"plain_tok_s": plain, "methods": {}, "tokens": tokens, "context_tokens": len(
+        engine.device_tok(ctx, add_special_tokens=False)["input_ids"]), "repeats": repeats, "batch": 1,
+        "vocab_size": engine.align.size, "device": str(next(engine.device_model.parameters()).device)}
+    for name, v in tok_s.items():
+        doc["methods"][name] = {"tok_s": v, "ratio": v / plain, "steered_tokens": steered.get(name)}
+        log.info("%s: %.2f tok/s (%.3fx plain)", name, v, v / plain)
+    return doc

@@ -1,0 +1,165 @@
+"""`pocketlm steer`, `pocketlm eval-steer`, `pocketlm bench steer`: CoSteer decoding-time personalization."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from ..bench.geometries import GEOMETRIES, load_bench_model
+from ..errors import DataError, PocketLMError
+from ..steer.decoding import Sampling, SteerRequest
+from ..steer.demo import private_prompt
+from ..steer.methods import METHODS, get_method, parse_methods
+from ..steer.session import load_engine
+from .app import app, bench_app, console
+from .bench_cmds import hardware
+
+EVAL_METHODS = "cloud,cloud_with_context,device_with_context,costeer,light_costeer,closed_form,plausible,adaptive"
+BENCH_METHODS = "costeer,light_costeer,closed_form,plausible,adaptive,ada_costeer,device_with_context"
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise PocketLMError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
+    return Sampling(temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command("steer")
+def steer_cmd(
+    prompt: str = typer.Argument(..., help="The public prompt (the only text the cloud sees)."),
+    cloud: str = typer.Option(..., help="Cloud model spec (sees the prompt only)."),
+    local: str = typer.Option(..., help="On-device model spec (sees the private context)."),
+    context: Path = typer.Option(None, help="Private context file (stays on the device)."),
+    method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
+    kappa: float = typer.Option(None, help="Steering strength for closed_form/plausible/adaptive/ada_costeer."),
+    max_new_tokens: int = typer.Option(128),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    vocab: str = typer.Option("shared", help="shared (same tokenizer) | intersection (cross-family)."),
+) -> None:
+    """Generate one steered answer, streaming tokens to the terminal."""
+    ctx = ""
+    if context is not None:
+        if not context.is_file():
+            raise DataError(f"context file {context} not found")
+        ctx = context.read_text(encoding="utf-8")
+    m = get_method(method, kappa)
+    if m.device_ctx and not ctx.strip():
+        raise PocketLMError(f"method {m.name!r} needs --context FILE")
+    sampling = _sampling(temperature, top_p, seed)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab)
+    ids: list[int] = []
+    shown = ""
+
+    def on_token(_row: int, tok: int) -> None:
+        nonlocal shown
+        ids.append(tok)
+        text = engine.device_tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    engine.generate([SteerRequest(prompt, private_prompt(ctx, prompt) if ctx.strip() else None)], [m],
+                    max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
+    sys.stdout.write("\n")
+
+
+@app.command("eval-steer")
+def eval_steer_cmd(
+    data: Path = typer.Option(..., help="CoGenesis or LongLaMP jsonl."),
+    cloud: str = typer.Option(..., help="Cloud model spec."),
+    local: str = typer.Option(..., help="On-device model spec."),
+    methods: str = typer.Option(EVAL_METHODS, help=f"Comma list of: {', '.join(METHODS)} (name@kappa allowed)."),
+    kappas: str = typer.Option(None, help="Extra closed_form kappas for sensitivity, e.g. 0.5,1,3."),
+    limit: int = typer.Option(None, help="First N rows only."),
+    max_new_tokens: int = typer.Option(128),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    vocab: str = typer.Option("shared", help="shared | intersection"),
+    threads: int = typer.Option(None, help="torch CPU threads (1 is fastest when another job shares the cores)."),
+    json_out: Path = typer.Option(None, "--json", help="Write scores (+ every generation) here."),
+) -> None:
+    """Generate with every method on each row and score ROUGE-1/ROUGE-L (METEOR when WordNet is installed)."""
+    from ..eval.steer_eval import evaluate
+    from ..steer.data import load_steer_data
+
+    if limit is not None and limit < 1:
+        raise PocketLMError(f"--limit must be >= 1, got {limit}")
+    examples = load_steer_data(data, limit)
+    ms = parse_methods(methods, kappas)
+    _threads(threads)
+    sampling = _sampling(temperature, top_p, seed)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab)
+    settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit,
+                             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                             "seed": seed, "dtype": dtype, "vocab": vocab, "hardware": hardware(),
+                             "methods": [m.name for m in ms], "kappas": {m.name: m.fusion.kappa for m in ms},
+                             "torch": torch.__version__}}
+    doc = evaluate(engine, examples, ms, max_new_tokens=max_new_tokens, sampling=sampling, json_out=json_out,
+                   settings=settings)
+    table = Table(title=f"eval-steer on {data.name}: {len(examples)} rows, {max_new_tokens} new tokens max")
+    for col in ("method", "private", "n", "ROUGE-1", "ROUGE-L", "METEOR", "dR1 vs cloud (se)"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
+    for name, r in doc["methods"].items():
+        d = r.get("rouge1_delta_vs_cloud")
+        table.add_row(name, "yes" if r["private"] else "NO", str(r["n"]), f"{r['rouge1']:.2f}", f"{r['rougeL']:.2f}",
+                      "n/a" if r["meteor"] is None else f"{r['meteor']:.2f}",
+                      f"{d['mean']:+.2f} ({d['se']:.2f})" if d else "-")
+    console.print(table)
+    if not doc["meteor"]["available"]:
+        console.print(f"METEOR unavailable: {doc['meteor']['reason']}")
+
+
+@bench_app.command("steer")
+def bench_steer_cmd(
+    cloud: str = typer.Option("smollm2-135m-geometry", help=f"Cloud spec or geometry: {', '.join(GEOMETRIES)}"),
+    local: str = typer.Option("smollm2-135m-geometry", help="Device spec or geometry."),
+    tokens: int = typer.Option(32, help="New tokens per timed generation (EOS ignored)."),
+    context_tokens: int = typer.Option(1024, help="Private-context length in tokens."),
+    methods: str = typer.Option(BENCH_METHODS),
+    repeats: int = typer.Option(3, help="Timed rounds (median), interleaved across methods."),
+    unbatched: bool = typer.Option(True, help="Also time closed_form with the two device streams unbatched."),
+    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
+    threads: int = typer.Option(None, help="torch CPU threads."),
+    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Decoding tokens/s of plain cloud greedy decoding and of each steering method, in one run."""
+    from ..bench.steer_bench import bench_steer
+
+    ms = parse_methods(methods)
+    _threads(threads)
+    geometry = cloud in GEOMETRIES or local in GEOMETRIES
+    engine = load_engine(cloud, local, device=device, dtype=dtype, loader=load_bench_model,
+                         slice_to_tokenizer=not geometry)
+    doc = bench_steer(engine, ms, tokens=tokens, context_tokens=context_tokens, repeats=repeats,
+                      unbatched=unbatched)
+    doc.update(cloud=cloud, local=local, dtype=dtype, hardware=hardware(), torch=torch.__version__)
+    table = Table(title=f"steer decoding, cloud {cloud} / device {local}, {doc['context_tokens']}-token context, "
+                        f"{tokens} tokens, batch 1, {dtype} on {doc['hardware']}")
+    for col in ("method", "tok/s", "ratio vs plain", "steered tokens"):
+        table.add_column(col, justify="right")
+    table.add_row("plain cloud", f"{doc['plain_tok_s']:.2f}", "1.00", "-")
+    for name, r in doc["methods"].items():
+        table.add_row(name, f"{r['tok_s']:.2f}", f"{r['ratio']:.3f}", str(r.get("steered_tokens", "-")))
+    console.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))

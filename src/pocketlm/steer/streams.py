@@ -1,0 +1,99 @@
+"""A KV-cached batch of token streams on one HF causal LM (left padding, per-row positions).
+
+Used for the cloud (inside the in-process backend) and for the device. Several prompts are prefilled
+once each and then *expanded* (the cache rows are copied) so that rows sharing a prompt — e.g. one
+example decoded by several methods — pay for the prefill once. `keep()` drops finished rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class LMStream:
+    """Rows of one model decoded in lockstep: `prefill()` once, then one `step()` per generated token."""
+
+    def __init__(self, model, pad_id: int = 0):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, L] 1 = real token
+        self.pos: torch.Tensor | None = None   # [B] position of the last real token
+        self.forwards = 0
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.forwards += 1
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
+        """Run the prompts; return last-position logits `[B, V]` (B = len(expand) if given).
+
+        Each distinct prompt is prefilled on its own (no padding compute: a 60-token query beside a
+        1,500-token private context would otherwise cost as much as a second context), then the caches
+        are joined with left padding into one batch.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(p) for p in prompts)
+        caches, logits = [], []
+        for p in prompts:
+            ids = torch.tensor([p], dtype=torch.long, device=self.device)
+            self.cache, self.mask = DynamicCache(), torch.ones_like(ids)
+            pos = torch.arange(len(p), device=self.device).unsqueeze(0)
+            logits.append(self._forward(ids, pos))
+            caches.append(self.cache)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            mask[i, width - len(p):] = 1
+        self.cache = caches[0] if len(caches) == 1 else _join_left_padded(caches, width)
+        self.mask, self.pos = mask, mask.sum(-1) - 1
+        out = torch.cat(logits)
+        if expand is not None:
+            self.keep(torch.tensor(expand, dtype=torch.long))
+            out = out[torch.tensor(expand, dtype=torch.long, device=out.device)]
+        return out
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row and return the next-token logits `[B, V]`."""
+        ids = token_ids.to(self.device).view(-1, 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        self.pos = self.pos + 1
+        return self._forward(ids, self.pos.view(-1, 1))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder/duplicate) the given rows of the cache, mask and positions."""
+        rows = rows.to(self.device)
+        if self.rows == rows.numel() and torch.equal(rows, torch.arange(self.rows, device=self.device)):
+            return
+        self.cache.reorder_cache(rows)
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
+
+    def release(self) -> None:
+        self.cache = self.mask = self.pos = None
+
+
+def _join_left_padded(caches: list[DynamicCache], width: int) -> DynamicCache:
+    """One batch cache from single-row caches of different lengths; padding slots are zeros (masked)."""
+    joined = DynamicCache()
+    for layer in range(len(caches[0].layers)):
+        ks, vs = [], []
+        for c in caches:
+            k, v = c.layers[layer].keys, c.layers[layer].values
+            pad = width - k.shape[-2]
+            if pad:
+                k = torch.cat([k.new_zeros(*k.shape[:-2], pad, k.shape[-1]), k], dim=-2)
+                v = torch.cat([v.new_zeros(*v.shape[:-2], pad, v.shape[-1]), v], dim=-2)
+            ks.append(k)
+            vs.append(v)
+        joined.update(torch.cat(ks), torch.cat(vs), layer)
+    return joined

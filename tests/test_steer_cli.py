@@ -1,0 +1,77 @@
+"""CLI: steer streams text, eval-steer writes its JSON, bench steer writes ratios, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from pocketlm.cli import app
+
+runner = CliRunner()
+
+
+def _data(tmp_path, n=2):
+    rows = [{"id": str(i), "input": f"Write note {i}.", "personalized_input": f"I am Ann, a baker.\nWrite note {i}.",
+             "output": "A short note from Ann the baker."} for i in range(n)]
+    p = tmp_path / "cg.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_eval_steer_writes_json(tmp_path):
+    out = tmp_path / "res.json"
+    res = runner.invoke(app, ["eval-steer", "--data", str(_data(tmp_path)), "--cloud", "tiny-qwen2", "--local",
+                              "tiny-llama", "--methods", "cloud,cloud_with_context,costeer,plausible",
+                              "--kappas", "0.5,3", "--limit", "2", "--max-new-tokens", "4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert set(doc["methods"]) == {"cloud", "cloud_with_context", "costeer", "plausible", "closed_form@0.5",
+                                   "closed_form@3"}
+    for r in doc["methods"].values():
+        assert r["n"] == 2 and isinstance(r["rouge1"], float) and isinstance(r["rougeL"], float)
+    assert doc["methods"]["cloud_with_context"]["private"] is False
+    assert "available" in doc["meteor"] and len(doc["examples"]) == 2
+    assert "costeer" in res.output
+
+
+def test_steer_streams_tokens(tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("I love sailing.")
+    res = runner.invoke(app, ["steer", "Hello", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--context",
+                              str(ctx), "--max-new-tokens", "5", "--method", "plausible", "--kappa", "1.0"])
+    assert res.exit_code == 0, res.output
+    assert res.output.endswith("\n")
+
+
+def test_bench_steer_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "steer", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--tokens", "4",
+                              "--context-tokens", "32", "--repeats", "1", "--methods", "costeer,closed_form",
+                              "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["plain_tok_s"] > 0
+    assert set(doc["methods"]) == {"costeer", "closed_form", "closed_form/unbatched_device"}
+    assert all(r["tok_s"] > 0 and r["ratio"] > 0 for r in doc["methods"].values())
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-c", "from pocketlm.cli import main; main()", *args],
+                          capture_output=True, text=True)
+
+
+def test_missing_data_file_is_a_clean_error(tmp_path):
+    proc = _cli("eval-steer", "--data", str(tmp_path / "missing.jsonl"), "--cloud", "tiny-qwen2", "--local",
+                "tiny-llama")
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_method_and_context_are_clean_errors(tmp_path):
+    proc = _cli("steer", "hi", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--method", "magic")
+    assert proc.returncode == 2 and "unknown steering method" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("steer", "hi", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--context", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "not found" in proc.stderr
