@@ -59,9 +59,9 @@ def test_bad_config_gives_clean_error(tmp_path):
 
 def test_demo_runs_on_a_tiny_model(folder_corpus, tmp_path):
     res = runner.invoke(app, ["demo", "--model", "tiny-llama", "--corpus", str(folder_corpus), "--rounds", "1",
-                              "--local-steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "demo"),
-                              "--no-steer"])
+                              "--local-steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "demo" / "compare.json").read_text())
     assert list(doc["strategies"]) == ["pretrained", "1g1s", "local", "fedavg"]
     assert "test perplexity per user" in res.output
+    assert "cloud alone:" in res.output and "steered:" in res.output

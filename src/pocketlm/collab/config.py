@@ -56,6 +56,7 @@ class TrainConfig:
     aggregation: str = "uniform"         # uniform (official) | tokens (weighted by training tokens)
     # evaluation and bookkeeping
     eval_every: int = 1                  # rounds; the last round is always evaluated
+    eval_round0: bool = True             # evaluate before training (= the pretrained model) for the curves
     eval_batch_size: int = 8
     max_eval_tokens: int | None = None   # cap each test stream (CPU budgets); None = the whole split
     seed: int = 42

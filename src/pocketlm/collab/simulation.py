@@ -166,7 +166,8 @@ class Simulation:
         """Run (or resume) all rounds; `stop_after` ends early after that round (tests use it as a kill)."""
         if not (resume and self.load_checkpoint()):
             self.round, self.history = 0, []
-            self.history.append({"round": 0, **self.evaluate()})
+            if self.cfg.eval_round0 or not self.strategy.trains:
+                self.history.append({"round": 0, **self.evaluate()})
             if not self.strategy.trains:
                 self._finish()
                 return self.history
@@ -204,7 +205,8 @@ class Simulation:
 
 def _core(cfg: dict) -> dict:
     """Config keys that change results (bookkeeping such as out_dir or device may differ on resume)."""
-    return {k: v for k, v in cfg.items() if k not in ("out_dir", "device", "eval_batch_size")}
+    return {k: v for k, v in cfg.items() if k not in ("out_dir", "device", "eval_batch_size", "eval_every",
+                                                "eval_round0")}
 
 
 def clear_run(out_dir: str | Path) -> None:
