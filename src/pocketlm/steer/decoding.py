@@ -160,7 +160,8 @@ class SteerEngine:
         self.device_eos = eos_ids(device_model, device_tok)
         pad = device_tok.pad_token_id
         self.pad_id = pad if pad is not None else (device_tok.eos_token_id or 0)
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # seconds per part of the last generate()
+        self.calls: dict[str, int] = {}      # forward calls (prefill + steps) per stream of the last generate()
 
     def _sync(self) -> None:
         dev = next(self.device_model.parameters()).device
@@ -173,6 +174,7 @@ class SteerEngine:
         out = fn(*args)
         self._sync()
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+        self.calls[key] = self.calls.get(key, 0) + 1
         return out
 
     @torch.inference_mode()
@@ -195,7 +197,7 @@ class SteerEngine:
         need_plain = any(m.device_plain for m in methods)
         need_ctx = any(m.device_ctx for m in methods)
         use_device = need_plain or need_ctx
-        self.timings = {}
+        self.timings, self.calls = {}, {}
 
         gens = [Generation(m.name) for m in methods]
         groups: dict[str, list[int]] = {}
