@@ -75,6 +75,9 @@ def test_all_methods_run_and_costeer_equals_closed_form(models):
     assert by["light_costeer"].token_ids == by["closed_form@0.4762"].token_ids
     assert all(t < 260 for g in gens for t in g.token_ids)  # padded rows never chosen
     assert by["cloud"].steered_tokens == 0 and by["costeer"].steered_tokens == len(by["costeer"].token_ids)
+    eng = engine(models)  # rows in a mixed batch (different cloud prompts, left padded) == each alone
+    for name in ("cloud_with_context", "device_with_context", "cloud", "adaptive"):
+        assert eng.generate([req()], [get_method(name)], max_new_tokens=6)[0].token_ids == by[name].token_ids
 
 
 class ScriptedCloud:
