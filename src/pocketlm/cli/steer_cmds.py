@@ -14,6 +14,7 @@ from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import DataError, PocketLMError
 from ..steer.decoding import Sampling, SteerRequest
 from ..steer.demo import private_prompt
+from ..steer.fusion import kappa_from_hparams
 from ..steer.methods import METHODS, get_method, parse_methods
 from ..steer.session import load_engine
 from .app import app, bench_app, console
@@ -28,6 +29,13 @@ def _threads(n: int | None) -> None:
         if n < 1:
             raise PocketLMError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
+
+
+def _kappa_desc(m):
+    f = m.fusion
+    if f.rule == "loop":
+        return f"T={f.T} loop == kappa {kappa_from_hparams(f.T, f.alpha, f.beta, f.lam, f.eta):.5f}"
+    return None if f.rule in ("cloud", "device") else f.kappa
 
 
 def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
@@ -110,7 +118,7 @@ def eval_steer_cmd(
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "hardware": hardware(),
-                             "methods": [m.name for m in ms], "kappas": {m.name: m.fusion.kappa for m in ms},
+                             "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms},
                              "torch": torch.__version__}}
     doc = evaluate(engine, examples, ms, max_new_tokens=max_new_tokens, sampling=sampling, json_out=json_out,
                    settings=settings)
