@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from pocketlm.bench.geometries import GEOMETRIES, load_bench_model
-from pocketlm.bench.train_bench import shared_base_view
 from pocketlm.cli import app
 from pocketlm.models import build_tiny
+from pocketlm.moe import shared_base_view
 
 
 def test_bench_train_json(tmp_path):

@@ -7,7 +7,6 @@ AdamW step over the trainable adapters.
 
 from __future__ import annotations
 
-import copy
 import logging
 import statistics
 import time
@@ -15,16 +14,10 @@ import time
 import torch
 from torch import nn
 
-from ..moe import MoEConfig, inject_moe
+from ..moe import MoEConfig, inject_moe, shared_base_view
 from ..progress import progress
 
 log = logging.getLogger(__name__)
-
-
-def shared_base_view(base: nn.Module) -> nn.Module:
-    """A structural copy of `base` whose parameters are the same tensors (memory grows by adapters only)."""
-    memo = {id(p): p for p in base.parameters()}
-    return copy.deepcopy(base, memo)
 
 
 def _sync(device: torch.device) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch import nn
 from ..data import UserTokens
 from ..errors import PocketLMError
 from ..eval import perplexity
-from ..moe import RoutingRecorder, inject_moe, param_role, save_parts
+from ..moe import RoutingRecorder, inject_moe, save_parts, shared_base_view
 from ..progress import progress
 from .client import Device, bind
 from .server import Server, Upload
@@ -31,13 +30,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 POOLED = "pooled"
-
-
-def shared_base_view(base: nn.Module) -> nn.Module:
-    """A structural copy of `base` whose parameters are the same tensors (memory grows by adapters only)."""
-    import copy
-
-    return copy.deepcopy(base, {id(p): p for p in base.parameters()})
 
 
 def pooled_tokens(data: dict[str, UserTokens]) -> UserTokens:
@@ -208,14 +200,3 @@ def _core(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("out_dir", "device", "eval_batch_size", "eval_every",
                                                 "eval_round0")}
 
-
-def clear_run(out_dir: str | Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def role_counts(model: nn.Module) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n, p in model.named_parameters():
-        if (r := param_role(n)) is not None:
-            out[r] = out.get(r, 0) + p.numel()
-    return out

@@ -10,6 +10,7 @@ from .inject import (
     param_role,
     reset_adapters,
     routing_stats,
+    shared_base_view,
 )
 from .lora import AttnLoRALinear, LoRAFactors
 from .mixture import MixtureMLP
@@ -18,5 +19,5 @@ from .state import load_parts, load_trainable_state, save_parts, trainable_state
 __all__ = [
     "ROLES", "AttnLoRALinear", "LoRAFactors", "MixtureMLP", "MoEConfig", "RoutingRecorder", "inject_moe",
     "load_parts", "load_trainable_state", "mixture_layers", "moe_aux_loss", "param_role", "reset_adapters",
-    "routing_stats", "save_parts", "trainable_state",
+    "routing_stats", "save_parts", "shared_base_view", "trainable_state",
 ]

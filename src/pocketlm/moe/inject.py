@@ -87,6 +87,13 @@ def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
     return model
 
 
+def shared_base_view(base: nn.Module) -> nn.Module:
+    """A structural copy of `base` whose parameters are the same tensors (memory grows by adapters only)."""
+    import copy
+
+    return copy.deepcopy(base, {id(p): p for p in base.parameters()})
+
+
 def reset_adapters(model: nn.Module, seed: int = 0) -> None:
     """Re-initialise every LoRA (A random per name, B zero) and router (N(0, 0.02) per name)."""
     from .lora import LoRAFactors, named_generator
