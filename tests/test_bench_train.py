@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from pocketlm.bench.geometries import GEOMETRIES, load_bench_model
 from pocketlm.cli import app
+from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.moe import shared_base_view
 
@@ -16,14 +17,23 @@ from pocketlm.moe import shared_base_view
 def test_bench_train_json(tmp_path):
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "train", "--model", "tiny-qwen2", "--experts", "2,4", "--batch", "2",
-                                   "--seq", "16", "--steps", "1", "--warmup", "0", "--json", str(out)])
+                                   "--seq", "16", "--steps", "1", "--warmup", "0", "--paths", "fused,fused_recompute,reference",
+                                   "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["single_lora_step_s"] > 0
     assert [(r["experts"], r["path"]) for r in doc["results"]] == [
-        (2, "fused"), (2, "reference"), (4, "fused"), (4, "reference")]
+        (2, "fused"), (2, "fused_recompute"), (2, "reference"), (4, "fused"), (4, "fused_recompute"), (4, "reference")]
     for r in doc["results"]:
         assert r["step_s"] > 0 and r["ratio"] > 0 and r["per_user_bytes"] > doc["single_lora"]["per_user_bytes"]
+        assert r["saved_activation_bytes"] > 0
+    saved = {(r["experts"], r["path"]): r["saved_activation_bytes"] for r in doc["results"]}
+    assert saved[(4, "fused_recompute")] < saved[(4, "fused")] < saved[(4, "reference")]
+
+
+def test_bench_train_rejects_unknown_path():
+    res = CliRunner().invoke(app, ["bench", "train", "--model", "tiny-qwen2", "--paths", "fused,sparse"])
+    assert isinstance(res.exception, PocketLMError) and "unknown benchmark path 'sparse'" in str(res.exception)
 
 
 def test_shared_base_view_shares_weights():

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from pocketlm.bench.train_bench import saved_activation_bytes
 from pocketlm.errors import PocketLMError
 from pocketlm.models import TINY_MODELS, build_tiny
 from pocketlm.moe import (
@@ -37,14 +38,16 @@ def randomize(model, seed=0):
 
 
 @pytest.mark.parametrize("family", TINY_MODELS)
-@pytest.mark.parametrize("experts,top_k", [(1, 2), (2, 2), (2, 1), (4, 2), (4, 1), (3, 3)])
-def test_fused_equals_reference(family, experts, top_k):
+@pytest.mark.parametrize("experts,top_k", [(1, 2), (2, 2), (2, 1), (4, 2), (4, 1), (3, 3), (8, 2)])
+@pytest.mark.parametrize("path,recompute", [("fused", False), ("fused", True), ("fused_dense", False),
+                                            ("fused_dense", True)])
+def test_fused_equals_reference(family, experts, top_k, path, recompute):
     base, _ = build_tiny(family, dtype=torch.float64)
     ids = torch.randint(0, 260, (2, 10), generator=torch.Generator().manual_seed(1))
     ref = randomize(inject_moe(copy.deepcopy(base), MoEConfig(num_experts=experts, top_k=top_k, path="reference")))
     fused = copy.deepcopy(ref)
     for _, m in mixture_layers(fused):
-        m.path = "fused"
+        m.path, m.recompute = path, recompute
     ref.train(), fused.train()
     for m in (ref, fused):  # GPT-2 has dropout: compare deterministic functions
         for mod in m.modules():
@@ -62,6 +65,18 @@ def test_fused_equals_reference(family, experts, top_k):
             assert torch.allclose(p.grad, grads[n].grad, atol=1e-10, rtol=1e-8), n
             checked += 1
     assert checked > 0
+
+
+def test_topk_dispatch_and_recompute_keep_less_for_backward():
+    """Top-k dispatch stores k (not E) experts' activations; recompute stores neither (memory, not time)."""
+    base, _ = build_tiny("tiny-llama", dtype=torch.float32)
+    ids = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for path, recompute in [("reference", False), ("fused_dense", False), ("fused", False), ("fused", True)]:
+        model = inject_moe(copy.deepcopy(base), MoEConfig(num_experts=8, top_k=2, path=path, recompute=recompute))
+        saved[(path, recompute)] = saved_activation_bytes(model, ids)
+    assert saved[("fused", False)] < 0.6 * saved[("fused_dense", False)] < saved[("reference", False)]
+    assert saved[("fused", True)] < 0.7 * saved[("fused", False)]
 
 
 @pytest.mark.parametrize("family", TINY_MODELS)

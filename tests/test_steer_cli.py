@@ -75,3 +75,52 @@ def test_bad_method_and_context_are_clean_errors(tmp_path):
     assert proc.returncode == 2 and "unknown steering method" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("steer", "hi", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--context", str(tmp_path / "x"))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def _eval(tmp_path, data, name, *extra):
+    out = tmp_path / name
+    res = runner.invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
+                              "--methods", "cloud,costeer,light_costeer", "--max-new-tokens", "4", "--json", str(out),
+                              *extra])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_slices_pooled_equal_one_run(tmp_path):
+    """Rows 0-1 and 2-3 run separately (--offset) and pooled score exactly like one run over rows 0-3."""
+    data = _data(tmp_path, n=4)
+    whole = json.loads(_eval(tmp_path, data, "whole.json", "--limit", "4").read_text())
+    a = _eval(tmp_path, data, "a.json", "--limit", "2")
+    b = _eval(tmp_path, data, "b.json", "--offset", "2")
+    assert [e["id"] for e in json.loads(b.read_text())["examples"]] == ["2", "3"]
+    out = tmp_path / "pooled.json"
+    res = runner.invoke(app, ["eval-steer-merge", str(a), str(b), "--data", str(data), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    pooled = json.loads(out.read_text())
+    assert [e["id"] for e in pooled["examples"]] == ["0", "1", "2", "3"]
+    assert [e["outputs"] for e in pooled["examples"]] == [e["outputs"] for e in whole["examples"]]
+    for name in ("cloud", "costeer", "light_costeer"):
+        p, w = pooled["methods"][name], whole["methods"][name]
+        assert p["n"] == w["n"] == 4
+        assert (p["rouge1"], p["rougeL"]) == (w["rouge1"], w["rougeL"])
+        assert p["rouge1_delta_vs_cloud"]["mean"] == w["rouge1_delta_vs_cloud"]["mean"]
+
+
+def test_merge_rejects_overlap_mismatch_and_junk(tmp_path):
+    data = _data(tmp_path, n=3)
+    a = _eval(tmp_path, data, "a.json", "--limit", "2")
+    b = _eval(tmp_path, data, "b.json", "--offset", "1")          # row 1 in both
+    res = runner.invoke(app, ["eval-steer-merge", str(a), str(b), "--data", str(data)])
+    assert "more than one run" in str(res.exception)
+    c = _eval(tmp_path, data, "c.json", "--offset", "2", "--max-new-tokens", "3")
+    res = runner.invoke(app, ["eval-steer-merge", str(a), str(c), "--data", str(data)])
+    assert "different settings: max_new_tokens" in str(res.exception)
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not json")
+    res = runner.invoke(app, ["eval-steer-merge", str(a), str(junk), "--data", str(data)])
+    assert "not an eval-steer JSON" in str(res.exception)
+    res = runner.invoke(app, ["eval-steer-merge", str(a), str(tmp_path / "none.json"), "--data", str(data)])
+    assert "not found" in str(res.exception)
+    res = runner.invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
+                              "--offset", "3"])
+    assert "no rows after the first 3" in str(res.exception)

@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from ..errors import PocketLMError
 from ..moe import MoEConfig, inject_moe, shared_base_view
 from ..progress import progress
 
@@ -23,6 +24,39 @@ log = logging.getLogger(__name__)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+BENCH_PATHS = ("fused", "fused_dense", "fused_recompute", "reference")
+
+
+def _path_options(name: str) -> dict:
+    """A benchmark path name -> MoEConfig options (`fused_recompute` = fused with activation recomputation)."""
+    if name not in BENCH_PATHS:
+        raise PocketLMError(f"unknown benchmark path {name!r}; choose from {', '.join(BENCH_PATHS)}")
+    if name == "fused_recompute":
+        return {"path": "fused", "recompute": True}
+    return {"path": name}
+
+
+def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward over one training forward: the activation memory of a step, measurable
+    on any device (CUDA peak memory also counts the allocator's caching and the weights)."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        key = id(t)  # parameters and shared inputs are saved many times but held once
+        if key not in seen and not isinstance(t, nn.Parameter):
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return total
 
 
 def adapter_bytes(model: nn.Module) -> dict[str, int]:
@@ -40,6 +74,7 @@ class _Runner:
                                      betas=(0.9, 0.95), weight_decay=0.01)
         self.times: list[float] = []
         self.peak: int | None = None
+        self.saved: int | None = None
         self.oom = False
 
     def step(self, ids: torch.Tensor, record: bool) -> None:
@@ -69,7 +104,8 @@ class _Runner:
     def row(self) -> dict:
         if self.oom:
             return {"step_s": None, "oom": True}
-        return {"step_s": statistics.median(self.times), "peak_mem_bytes": self.peak, **adapter_bytes(self.model)}
+        return {"step_s": statistics.median(self.times), "peak_mem_bytes": self.peak,
+                "saved_activation_bytes": self.saved, **adapter_bytes(self.model)}
 
 
 def bench_train(base: nn.Module, *, experts=(2, 4, 8), paths=("fused", "reference"), batch: int = 4,
@@ -84,9 +120,15 @@ def bench_train(base: nn.Module, *, experts=(2, 4, 8), paths=("fused", "referenc
     vocab = base.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     configs = [("single", MoEConfig(num_experts=1, router=False, rank=rank, seed=seed))]
-    configs += [((e, path), MoEConfig(num_experts=e, top_k=top_k, rank=rank, path=path, seed=seed))
+    configs += [((e, path), MoEConfig(num_experts=e, top_k=top_k, rank=rank, seed=seed, **_path_options(path)))
                 for e in experts for path in paths]
     runners = [_Runner(str(key), inject_moe(shared_base_view(base), cfg)) for key, cfg in configs]
+    for r in runners:
+        try:
+            r.saved = saved_activation_bytes(r.model, ids)
+        except torch.OutOfMemoryError:
+            r.oom = True
+            torch.cuda.empty_cache()
     for i in progress(range(warmup + steps), desc="train-step rounds", total=warmup + steps):
         for r in runners:
             r.step(ids, record=i >= warmup)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
-from ..bench.train_bench import bench_train
+from ..bench.train_bench import BENCH_PATHS, bench_train
 from .app import bench_app, console
 
 
@@ -25,7 +25,8 @@ def hardware() -> str:
 def bench_train_cmd(
     model: str = typer.Option("smollm2-135m-geometry", help=f"Model spec or a random geometry: {', '.join(GEOMETRIES)}"),
     experts: str = typer.Option("2,4,8", help="Expert counts to time."),
-    paths: str = typer.Option("fused,reference"),
+    paths: str = typer.Option("fused,fused_dense,reference",
+                              help=f"Mixture paths to time, from: {', '.join(BENCH_PATHS)}."),
     batch: int = typer.Option(4),
     seq: int = typer.Option(128),
     steps: int = typer.Option(5, help="Timed steps (median reported)."),
@@ -40,14 +41,17 @@ def bench_train_cmd(
                       batch=batch, seq=seq, steps=steps, warmup=warmup)
     doc.update(model=model, hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on {doc['hardware']}")
-    for col in ("experts", "path", "s/step", "ratio vs single LoRA", "peak mem", "per-user state"):
+    for col in ("experts", "path", "s/step", "ratio vs single LoRA", "saved activations", "peak mem",
+                "per-user state"):
         table.add_column(col, justify="right")
     s = doc["single_lora"]
-    table.add_row("1", "single LoRA", f"{s['step_s']:.3f}", "1.00", _mb(s.get("peak_mem_bytes")),
+    table.add_row("1", "single LoRA", f"{s['step_s']:.3f}", "1.00", _mb(s.get("saved_activation_bytes")),
+                  _mb(s.get("peak_mem_bytes")),
                   _mb(s.get("per_user_bytes")))
     for r in doc["results"]:
         table.add_row(str(r["experts"]), r["path"], "OOM" if r.get("oom") else f"{r['step_s']:.3f}",
-                      f"{r['ratio']:.2f}" if r.get("ratio") else "-", _mb(r.get("peak_mem_bytes")),
+                      f"{r['ratio']:.2f}" if r.get("ratio") else "-", _mb(r.get("saved_activation_bytes")),
+                      _mb(r.get("peak_mem_bytes")),
                       _mb(r.get("per_user_bytes")))
     console.print(table)
     if json_out:

@@ -93,7 +93,8 @@ def eval_steer_cmd(
     local: str = typer.Option(..., help="On-device model spec."),
     methods: str = typer.Option(EVAL_METHODS, help=f"Comma list of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappas: str = typer.Option(None, help="Extra closed_form kappas for sensitivity, e.g. 0.5,1,3."),
-    limit: int = typer.Option(None, help="First N rows only."),
+    limit: int = typer.Option(None, help="First N rows only (after --offset)."),
+    offset: int = typer.Option(0, help="Skip the first N rows (run slices separately, pool with eval-steer-merge)."),
     max_new_tokens: int = typer.Option(128),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
@@ -110,19 +111,53 @@ def eval_steer_cmd(
 
     if limit is not None and limit < 1:
         raise PocketLMError(f"--limit must be >= 1, got {limit}")
-    examples = load_steer_data(data, limit)
+    if offset < 0:
+        raise PocketLMError(f"--offset must be >= 0, got {offset}")
+    examples = load_steer_data(data, limit, offset)
     ms = parse_methods(methods, kappas)
     _threads(threads)
     sampling = _sampling(temperature, top_p, seed)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab)
-    settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit,
+    settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "hardware": hardware(),
                              "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms},
                              "torch": torch.__version__}}
     doc = evaluate(engine, examples, ms, max_new_tokens=max_new_tokens, sampling=sampling, json_out=json_out,
                    settings=settings)
-    table = Table(title=f"eval-steer on {data.name}: {len(examples)} rows, {max_new_tokens} new tokens max")
+    _print_scores(doc, f"eval-steer on {data.name}: {len(examples)} rows, {max_new_tokens} new tokens max")
+
+
+@app.command("eval-steer-merge")
+def eval_steer_merge_cmd(
+    runs: list[Path] = typer.Argument(..., help="eval-steer JSON files of disjoint row slices."),
+    data: Path = typer.Option(..., help="The data file the runs read (for the references)."),
+    json_out: Path = typer.Option(None, "--json", help="Write the pooled scores here."),
+) -> None:
+    """Pool eval-steer runs over disjoint slices (--offset) into one score: ROUGE and paired deltas recomputed."""
+    from ..eval.steer_eval import merge_runs
+    from ..steer.data import load_steer_data
+
+    docs = []
+    for path in runs:
+        try:
+            docs.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise PocketLMError(f"eval-steer result {path} not found") from None
+        except json.JSONDecodeError as e:
+            raise PocketLMError(f"{path} is not an eval-steer JSON file ({e.msg})") from None
+        if not isinstance(docs[-1], dict) or "examples" not in docs[-1] or "methods" not in docs[-1]:
+            raise PocketLMError(f"{path} is not an eval-steer JSON file (no 'methods'/'examples')")
+    doc = merge_runs(docs, load_steer_data(data))
+    doc["settings"]["data"] = str(data)
+    _print_scores(doc, f"eval-steer pooled over {len(runs)} runs: {doc['examples_done']} rows")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+
+
+def _print_scores(doc: dict, title: str) -> None:
+    table = Table(title=title)
     for col in ("method", "private", "n", "ROUGE-1", "ROUGE-L", "METEOR", "dR1 vs cloud (se)"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
     for name, r in doc["methods"].items():

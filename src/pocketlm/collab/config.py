@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PocketLMError
+from ..moe.inject import PATHS
 
 
 class ConfigError(PocketLMError):
@@ -51,7 +52,8 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     top_k: int = 2
-    path: str = "fused"                  # fused | reference
+    path: str = "fused"                  # fused | fused_dense | reference (same function, different cost)
+    recompute: bool = False              # fused paths: recompute per-expert activations in backward
     # server
     aggregation: str = "uniform"         # uniform (official) | tokens (weighted by training tokens)
     # evaluation and bookkeeping
@@ -72,8 +74,8 @@ class TrainConfig:
             raise ConfigError(f"scenario must be 'id' or 'ood', got {self.scenario!r}")
         if self.aggregation not in ("uniform", "tokens"):
             raise ConfigError(f"aggregation must be 'uniform' or 'tokens', got {self.aggregation!r}")
-        if self.path not in ("fused", "reference"):
-            raise ConfigError(f"path must be 'fused' or 'reference', got {self.path!r}")
+        if self.path not in PATHS:
+            raise ConfigError(f"path must be one of {', '.join(PATHS)}, got {self.path!r}")
         for name in ("rounds", "local_steps", "batch_size", "seq_len", "router_every", "rank", "top_k",
                      "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:

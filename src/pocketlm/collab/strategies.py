@@ -34,7 +34,7 @@ class Strategy:
     def moe_config(self, cfg, num_experts: int | None = None) -> MoEConfig:
         e = num_experts or self.experts
         return MoEConfig(num_experts=e, top_k=cfg.top_k, rank=cfg.rank, alpha=cfg.alpha, path=cfg.path,
-                         router=self.router and e > 1, lb_coef=cfg.lb_coef, seed=cfg.seed)
+                         recompute=cfg.recompute, router=self.router and e > 1, lb_coef=cfg.lb_coef, seed=cfg.seed)
 
     @property
     def collaborative(self) -> bool:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from statistics import fmean, stdev
 
+from ..errors import DataError
 from ..progress import progress
 from ..steer.data import SteerExample
 from ..steer.decoding import Sampling, SteerEngine, SteerRequest
@@ -71,4 +72,57 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
         log.info("example %d/%d (%s) done after %.0f s", i + 1, len(examples), ex.id, time.perf_counter() - t0)
+    return doc
+
+
+GENERATION_KEYS = ("cloud", "local", "max_new_tokens", "temperature", "top_p", "seed", "dtype", "vocab")
+
+
+class _MethodInfo:
+    """What `score` needs of a method, read back from a results file."""
+
+    def __init__(self, name: str, row: dict):
+        self.name, self.private, self.doc = name, row.get("private", True), row.get("doc", "")
+
+
+def merge_runs(docs: list[dict], examples: list[SteerExample]) -> dict:
+    """Pool eval-steer results of disjoint row slices (`--offset`) into one score over their union.
+
+    Scores are recomputed from the stored generations (ROUGE of the union, paired deltas over all rows), for
+    the methods present in every run; runs must share the generation settings and each method's kappa.
+    """
+    if len(docs) < 2:
+        raise DataError("merging needs at least two eval-steer results")
+    first = docs[0].get("settings", {})
+    for d in docs[1:]:
+        s = d.get("settings", {})
+        diff = [k for k in GENERATION_KEYS if s.get(k) != first.get(k)]
+        if diff:
+            raise DataError(f"cannot pool runs generated with different settings: {', '.join(diff)}")
+    names = [n for n in docs[0]["methods"] if all(n in d["methods"] for d in docs[1:])]
+    for n in names:
+        kappas = {str(d["settings"].get("kappas", {}).get(n)) for d in docs}
+        if len(kappas) > 1:
+            raise DataError(f"method {n!r} ran with different kappas: {sorted(kappas)}")
+    if not names:
+        raise DataError("the runs have no method in common")
+    refs_by_id = {e.id: e.reference for e in examples}
+    outputs: dict[str, list[str]] = {n: [] for n in names}
+    refs, records, seen = [], [], set()
+    for d in docs:
+        for rec in d["examples"]:
+            if rec["id"] in seen:
+                raise DataError(f"example {rec['id']!r} appears in more than one run; pool disjoint slices")
+            if rec["id"] not in refs_by_id:
+                raise DataError(f"example {rec['id']!r} is not in the data file; pass the file the runs used")
+            seen.add(rec["id"])
+            refs.append(refs_by_id[rec["id"]])
+            for n in names:
+                outputs[n].append(rec["outputs"][n]["text"])
+            records.append({"id": rec["id"], "outputs": {n: rec["outputs"][n] for n in names}})
+    doc = score([_MethodInfo(n, docs[0]["methods"][n]) for n in names], outputs, refs)
+    settings = {k: first.get(k) for k in GENERATION_KEYS}
+    settings["kappas"] = {n: first.get("kappas", {}).get(n) for n in names}
+    doc.update(settings=settings, examples_done=len(records), merged_from=len(docs),
+               elapsed_s=round(sum(d.get("elapsed_s", 0.0) for d in docs), 1), examples=records)
     return doc

@@ -19,7 +19,7 @@ from .mixture import MixtureMLP
 log = logging.getLogger(__name__)
 
 ATTN_PROJ = {"gated": ("q_proj", "k_proj", "v_proj", "o_proj"), "gpt2": ("c_attn", "c_proj")}
-PATHS = ("fused", "reference")
+PATHS = ("fused", "fused_dense", "reference")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class MoEConfig:
     top_k: int = 2              # effective k = min(top_k, E)
     rank: int = 8
     alpha: float = 16.0         # scale alpha / sqrt(rank)
-    path: str = "fused"         # "fused" | "reference"
+    path: str = "fused"         # "fused" (top-k dispatch when k < E) | "fused_dense" | "reference"
+    recompute: bool = False     # fused paths: rebuild per-expert activations in backward (less memory)
     attn_lora: bool = True      # one shared LoRA on every attention projection
     router: bool = True         # False: uniform mean over experts (official Local/FedAvg baselines)
     lb_coef: float = 0.0        # load-balancing loss coefficient
@@ -75,7 +76,8 @@ def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
         p.requires_grad_(False)
     for block, _, mlp, fam in blocks:
         block.mlp = MixtureMLP(mlp, fam, num_experts=cfg.num_experts, top_k=cfg.top_k, rank=cfg.rank,
-                               alpha=cfg.alpha, path=cfg.path, router=cfg.router, lb_coef=cfg.lb_coef)
+                               alpha=cfg.alpha, path=cfg.path, router=cfg.router, lb_coef=cfg.lb_coef,
+                               recompute=cfg.recompute)
         attn = _attention(block)
         if cfg.attn_lora and attn is not None:
             for proj in ATTN_PROJ[fam]:
@@ -128,9 +130,9 @@ def routing_stats(model: nn.Module) -> dict[int, float]:
     out = {}
     for i, m in mixture_layers(model):
         if m.record is not None and m.record[1] > 0:
-            out[i] = m.record[0] / m.record[1]
+            out[i] = float(m.record[0]) / m.record[1]
         elif m.last_share is not None:
-            out[i] = m.last_share
+            out[i] = float(m.last_share)
     return out
 
 

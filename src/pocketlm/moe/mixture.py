@@ -4,11 +4,13 @@ Expert e computes the full MLP with `W + s B_e A_e` on every MLP linear; the lay
 `sum_e g_e(x) MLP_e(x)`. Because the activation sits between the linears, the mixture is over expert
 *outputs*, and each expert runs its own activation (CoMiGS §1.2).
 
-Two paths compute the same function:
+Three paths compute the same function:
 - `reference`: each expert runs the whole MLP, as the official code does (E frozen projections per linear);
-- `fused`: the frozen projections run once whatever E. The first projections are shared
-  (`W x` once, plus per-expert rank-r terms) and the last one is linear, so
-  `sum_e g_e W_down(h_e) = W_down(sum_e g_e h_e)`: only the rank-r terms and the activation run per expert.
+- `fused_dense`: the frozen projections run once whatever E; every expert's rank-r terms and activation run
+  on every token (see `fused.py`);
+- `fused` (default): `fused_dense` when every expert is used (k = E, or no router), else top-k dispatch, where
+  each token runs the activation of its k chosen experts only.
+`recompute=True` rebuilds the per-expert activations in backward instead of storing them (fused paths).
 """
 
 from __future__ import annotations
@@ -16,13 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fused
+from .fused import FAMILIES
 from .lora import LoRAFactors, linear_shape
-
-FAMILIES = {
-    # family: (first linears (in -> intermediate), last linear (intermediate -> out))
-    "gated": (("gate_proj", "up_proj"), "down_proj"),
-    "gpt2": (("c_fc",), "c_proj"),
-}
 
 
 class Expert(nn.Module):
@@ -39,10 +37,10 @@ class Expert(nn.Module):
 
 class MixtureMLP(nn.Module):
     def __init__(self, mlp: nn.Module, family: str, *, num_experts: int, top_k: int, rank: int, alpha: float,
-                 path: str, router: bool, lb_coef: float):
+                 path: str, router: bool, lb_coef: float, recompute: bool = False):
         super().__init__()
         self.base = mlp  # frozen; keeps its own activation (and GPT-2's dropout)
-        self.family, self.path, self.lb_coef = family, path, lb_coef
+        self.family, self.path, self.lb_coef, self.recompute = family, path, lb_coef, recompute
         self.num_experts, self.top_k = num_experts, min(top_k, num_experts)
         self.experts = nn.ModuleList(Expert(mlp, family, rank, alpha) for _ in range(num_experts))
         self.router = None
@@ -51,8 +49,10 @@ class MixtureMLP(nn.Module):
             w = mlp.c_fc.weight if family == "gpt2" else mlp.gate_proj.weight
             self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
         self.last_aux: torch.Tensor | None = None
-        self.record: list[float] | None = None  # [sum of gate-0 weight, tokens] while recording
-        self.last_share: float | None = None
+        # routing statistics stay on the device as tensors (a float() per layer per forward would make every
+        # GPU step wait on the host); they are read only when reported
+        self.record: list | None = None  # [sum of gate-0 weight, tokens] while recording
+        self.last_share: torch.Tensor | None = None
 
     # -- gates -------------------------------------------------------------------------------------
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,15 +91,21 @@ class MixtureMLP(nn.Module):
         g = self.gates(flat)
         if self.record is not None:
             with torch.no_grad():
-                self.record[0] += float(g[:, 0].float().sum())
+                self.record[0] = self.record[0] + g[:, 0].float().sum()
                 self.record[1] += g.shape[0]
-        self.last_share = float(g[:, 0].float().mean().detach())
-        out = self._reference(flat, g) if self.path == "reference" else self._fused(flat, g)
+        self.last_share = g[:, 0].detach().float().mean()
+        if self.path == "reference":
+            out = self._reference(flat, g)
+        elif self.path == "fused" and self.router is not None and self.top_k < self.num_experts:
+            out = fused.topk(self, flat, g, self.recompute)
+        else:
+            out = fused.dense(self, flat, g, self.recompute)
         if self.family == "gpt2":
             out = self.base.dropout(out)
         return out.reshape(*shape[:-1], out.shape[-1])
 
-    def _act(self, pre: list[torch.Tensor]) -> torch.Tensor:
+    def act(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        """The base MLP's activation on the first projections' outputs (any leading shape)."""
         if self.family == "gated":
             return self.base.act_fn(pre[0]) * pre[1]
         return self.base.act(pre[0])
@@ -109,28 +115,7 @@ class MixtureMLP(nn.Module):
         out = 0
         for e, expert in enumerate(self.experts):
             pre = [getattr(self.base, n)(x) + getattr(expert, n)(x) for n in firsts]
-            h = self._act(pre)
+            h = self.act(pre)
             y = getattr(self.base, last)(h) + getattr(expert, last)(h)
             out = out + g[:, e:e + 1] * y
         return out
-
-    def _fused(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        firsts, last = FAMILIES[self.family]
-        pre = []
-        for n in firsts:
-            A = torch.stack([getattr(ex, n).lora_A for ex in self.experts])  # [E, r, d]
-            B = torch.stack([getattr(ex, n).lora_B for ex in self.experts])  # [E, I, r]
-            scale = getattr(self.experts[0], n).scale
-            low = torch.einsum("nd,erd->enr", x, A)
-            pre.append(getattr(self.base, n)(x).unsqueeze(0) + scale * torch.einsum("enr,eir->eni", low, B))
-        h = self._act(pre)                                       # [E, N, I]: the per-expert activation
-        gh = g.t().unsqueeze(-1) * h                             # g_e * h_e
-        last_lin = getattr(self.base, last)
-        base_out = last_lin(gh.sum(0))                           # W_down(sum_e g_e h_e): frozen weights once
-        if getattr(last_lin, "bias", None) is not None:          # sum_e g_e b = b only when gates sum to 1
-            base_out = base_out + (g.sum(-1, keepdim=True) - 1) * last_lin.bias
-        A = torch.stack([getattr(ex, last).lora_A for ex in self.experts])  # [E, r, I]
-        B = torch.stack([getattr(ex, last).lora_B for ex in self.experts])  # [E, d, r]
-        scale = getattr(self.experts[0], last).scale
-        low = torch.einsum("eni,eri->enr", gh, A)
-        return base_out + scale * torch.einsum("enr,edr->nd", low, B)

@@ -81,24 +81,29 @@ def parse_row(row: dict, where: str, index: int) -> SteerExample:
     raise DataError(f"{where}: row has neither 'personalized_input' (CoGenesis) nor 'profile'/'top_5' (LongLaMP)")
 
 
-def load_steer_data(path: str | Path, limit: int | None = None) -> list[SteerExample]:
-    """Read a jsonl file of CoGenesis or LongLaMP rows; malformed rows raise DataError with the line number."""
+def load_steer_data(path: str | Path, limit: int | None = None, offset: int = 0) -> list[SteerExample]:
+    """Read a jsonl file of CoGenesis or LongLaMP rows (skipping the first `offset`, keeping at most `limit`);
+    malformed rows raise DataError with the line number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"steering data file {path} not found")
     out: list[SteerExample] = []
+    skipped = 0
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
+                continue
+            if skipped < offset:
+                skipped += 1
                 continue
             where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(parse_row(row, where, len(out)))
+            out.append(parse_row(row, where, offset + len(out)))
             if limit is not None and len(out) >= limit:
                 break
     if not out:
-        raise DataError(f"{path} has no rows")
+        raise DataError(f"{path} has no rows" + (f" after the first {offset}" if offset else ""))
     return out
