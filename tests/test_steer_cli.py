@@ -54,7 +54,7 @@ def test_bench_steer_writes_json(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["plain_tok_s"] > 0
-    assert set(doc["methods"]) == {"costeer", "closed_form", "closed_form/unbatched_device"}
+    assert set(doc["methods"]) == {"costeer", "closed_form", "closed_form/unbatched_device", "closed_form/overlap"}
     assert all(r["tok_s"] > 0 and r["ratio"] > 0 for r in doc["methods"].values())
 
 

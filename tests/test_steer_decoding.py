@@ -66,6 +66,18 @@ def test_fused_and_separate_device_streams_agree(models):
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
 
 
+def test_overlapped_cloud_step_gives_identical_tokens(models):
+    """The cloud step in a worker thread (overlap) changes timing only: same tokens, same EOS, ragged batch."""
+    reqs = [req("Hi."), req("Tell me about the sea.", "ctx A"), req("Why?", SECRET)]
+    ms = parse_methods("costeer,plausible,cloud")
+    a = engine(models).generate(reqs, ms, max_new_tokens=9)
+    eng = engine(models, overlap=True)
+    b = eng.generate(reqs, ms, max_new_tokens=9)
+    assert [(g.token_ids, g.finish) for g in a] == [(g.token_ids, g.finish) for g in b]
+    assert eng.calls["cloud"] == eng.calls["device"] and eng.timings["cloud"] > 0
+    eng.close()
+
+
 def test_all_methods_run_and_costeer_equals_closed_form(models):
     names = "cloud,cloud_with_context,device_with_context,costeer,light_costeer,closed_form,plausible,adaptive,ada_costeer"
     ms = parse_methods(names, "0.4762")

@@ -32,25 +32,30 @@ def synthetic_context(tokenizer, n_tokens: int) -> str:
 
 
 def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32, context_tokens: int = 1024,
-                repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True) -> dict:
+                repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True, overlap: bool = True) -> dict:
+    """Extra rows: `closed_form/unbatched_device` (two device forwards per step instead of one batched) and
+    `closed_form/overlap` (cloud step in a worker thread while the device streams step)."""
     ctx = synthetic_context(engine.device_tok, context_tokens)
     req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
-    configs: list[tuple[str, Method, bool]] = [("plain", get_method("cloud"), True)]
-    configs += [(m.name, m, True) for m in methods]
+    configs: list[tuple[str, Method, bool, bool]] = [("plain", get_method("cloud"), True, False)]
+    configs += [(m.name, m, True, False) for m in methods]
+    m = replace(get_method("closed_form"), name="closed_form")
     if unbatched:
-        m = get_method("closed_form")
-        configs.append(("closed_form/unbatched_device", replace(m, name="closed_form"), False))
-    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+        configs.append(("closed_form/unbatched_device", m, False, False))
+    if overlap:
+        configs.append(("closed_form/overlap", m, True, True))
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     steered: dict[str, int] = {}
     for rnd in progress(range(repeats + 1), desc="steer bench rounds", total=repeats + 1):
-        for name, m, fused in configs:
-            engine.fuse_device_streams = fused
+        for name, m, fused, overlapped in configs:
+            engine.fuse_device_streams, engine.overlap = fused, overlapped
             n = warmup_tokens if rnd == 0 else tokens
             g = engine.generate([req], [m], max_new_tokens=n, ignore_eos=True)[0]
             if rnd > 0:
                 times[name].append(engine.timings["decode_s"])
                 steered[name] = g.steered_tokens
-    engine.fuse_device_streams = True
+    engine.fuse_device_streams, engine.overlap = True, False
+    engine.close()
     tok_s = {name: (tokens - 1) / statistics.median(t) for name, t in times.items()}
     plain = tok_s.pop("plain")
     doc = {"plain_tok_s": plain, "methods": {}, "tokens": tokens, "context_tokens": len(

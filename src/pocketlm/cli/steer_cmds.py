@@ -38,6 +38,9 @@ def _kappa_desc(m):
     return None if f.rule in ("cloud", "device") else f.kappa
 
 
+OVERLAP_HELP = "Run the cloud step in a worker thread while the device streams step (same tokens)."
+
+
 def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, seed=seed)
 
@@ -57,6 +60,7 @@ def steer_cmd(
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     vocab: str = typer.Option("shared", help="shared (same tokenizer) | intersection (cross-family)."),
+    overlap: bool = typer.Option(False, help=OVERLAP_HELP),
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal."""
     ctx = ""
@@ -68,7 +72,7 @@ def steer_cmd(
     if m.device_ctx and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap)
     ids: list[int] = []
     shown = ""
 
@@ -103,6 +107,7 @@ def eval_steer_cmd(
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     vocab: str = typer.Option("shared", help="shared | intersection"),
     threads: int = typer.Option(None, help="torch CPU threads (1 is fastest when another job shares the cores)."),
+    overlap: bool = typer.Option(False, help=OVERLAP_HELP),
     json_out: Path = typer.Option(None, "--json", help="Write scores (+ every generation) here."),
 ) -> None:
     """Generate with every method on each row and score ROUGE-1/ROUGE-L (METEOR when WordNet is installed)."""
@@ -117,7 +122,7 @@ def eval_steer_cmd(
     ms = parse_methods(methods, kappas)
     _threads(threads)
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap)
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "hardware": hardware(),
@@ -179,6 +184,7 @@ def bench_steer_cmd(
     methods: str = typer.Option(BENCH_METHODS),
     repeats: int = typer.Option(3, help="Timed rounds (median), interleaved across methods."),
     unbatched: bool = typer.Option(True, help="Also time closed_form with the two device streams unbatched."),
+    overlap: bool = typer.Option(True, help="Also time closed_form with the cloud step overlapped (worker thread)."),
     device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16"),
     threads: int = typer.Option(None, help="torch CPU threads."),
@@ -193,7 +199,7 @@ def bench_steer_cmd(
     engine = load_engine(cloud, local, device=device, dtype=dtype, loader=load_bench_model,
                          slice_to_tokenizer=not geometry)
     doc = bench_steer(engine, ms, tokens=tokens, context_tokens=context_tokens, repeats=repeats,
-                      unbatched=unbatched)
+                      unbatched=unbatched, overlap=overlap)
     doc.update(cloud=cloud, local=local, dtype=dtype, hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"steer decoding, cloud {cloud} / device {local}, {doc['context_tokens']}-token context, "
                         f"{tokens} tokens, batch 1, {dtype} on {doc['hardware']}")

@@ -5,6 +5,10 @@ Streams (research/costeer.md §2.5):
   device plain  chat(query)            — device model
   device ctx    chat(context + query)  — device model; the private context never leaves this process
 The two device streams are one batched forward by default (rows [plain..., ctx...], left padded).
+With `overlap=True` the cloud step runs in a worker thread while the device streams step on the calling thread:
+the two are independent given the chosen token, so a step costs max(cloud, device) instead of their sum when
+the two can run at once (a remote cloud, or CPU cores split between them: use 1 torch thread each). Tokens are
+identical either way (tested).
 Rows may use different methods (one example decoded by several methods shares one prefill per prompt);
 finished rows are dropped from every stream.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -148,11 +153,13 @@ class SteerEngine:
 
     def __init__(self, cloud: CloudBackend | None, cloud_tok, device_model, device_tok, *, vocab: str = "shared",
                  system: str | None = DEFAULT_SYSTEM, fuse_device_streams: bool = True,
-                 slice_to_tokenizer: bool = True):
+                 slice_to_tokenizer: bool = True, overlap: bool = False):
         self.cloud, self.cloud_tok = cloud, cloud_tok
         self.device_model, self.device_tok = device_model, device_tok
         self.system = system
         self.fuse_device_streams = fuse_device_streams
+        self.overlap = overlap
+        self._pool: ThreadPoolExecutor | None = None
         dev_rows = device_model.get_output_embeddings().weight.shape[0]
         cloud_rows = cloud.vocab_rows if cloud is not None else dev_rows
         self.align = VocabAlign.build(vocab, cloud_tok, device_tok, cloud_rows, dev_rows, slice_to_tokenizer)
@@ -176,6 +183,33 @@ class SteerEngine:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
         self.calls[key] = self.calls.get(key, 0) + 1
         return out
+
+    def _cloud_step_in_worker(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        # inference mode is thread-local: the worker must enter it itself
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.cloud.step(ids)
+            self._sync()
+            return out, time.perf_counter() - t0
+
+    def _step_both(self, cloud_ids: torch.Tensor, device: DeviceStreams, dev_ids: torch.Tensor):
+        """Cloud and device steps at once: cloud in the worker thread, device streams here."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
+        fut = self._pool.submit(self._cloud_step_in_worker, cloud_ids)
+        try:
+            dp, dc = self._timed("device", device.step, dev_ids)
+        finally:
+            cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
+        self.timings["cloud"] = self.timings.get("cloud", 0.0) + secs
+        self.calls["cloud"] = self.calls.get("cloud", 0) + 1
+        return cl, dp, dc
+
+    def close(self) -> None:
+        """Stop the overlap worker thread (if one was started)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     @torch.inference_mode()
     def generate(self, requests: list[SteerRequest], methods: list[Method], *, max_new_tokens: int = 128,
@@ -311,6 +345,9 @@ class SteerEngine:
                 use_device, dp, dc = False, None, None
                 device.release()
                 log.debug("device streams stopped at step %d (all steered rows gated off)", step)
+            if use_cloud and use_device and self.overlap:
+                cl, dp, dc = self._step_both(cloud_ids, device, dev_ids)
+                continue
             if use_cloud:
                 cl = self._timed("cloud", self.cloud.step, cloud_ids)
             if use_device:
