@@ -48,3 +48,23 @@ def test_geometry_configs_are_real_sizes():
     assert GEOMETRIES["qwen2.5-7b-geometry"]().vocab_size == 152064
     model, _ = load_bench_model("tiny-gpt2")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_bench_memory_on_meta_device(tmp_path):
+    """Exact activation bytes at a real geometry without allocating: top-k keeps E=8 near E=2, recompute less."""
+    out = tmp_path / "mem.json"
+    res = CliRunner().invoke(app, ["bench", "memory", "--model", "smollm2-135m-geometry", "--experts", "2,8",
+                                   "--batch", "8", "--seq", "128", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    saved = {(r["experts"], r["path"]): r["saved_activation_bytes"] for r in doc["results"]}
+    assert doc["weights_bytes"] > 2 * 134e6  # bf16 SmolLM2-135M
+    assert saved[(8, "fused")] < 1.05 * saved[(2, "fused")] < saved[(8, "fused_dense")] < saved[(8, "reference")]
+    assert saved[(8, "fused_recompute")] < saved[(8, "fused")]
+    assert all(r["resident_at_backward_bytes"] > doc["weights_bytes"] + r["saved_activation_bytes"]
+               for r in doc["results"])
+
+
+def test_bench_memory_needs_a_geometry():
+    res = CliRunner().invoke(app, ["bench", "memory", "--model", "tiny-llama"])
+    assert isinstance(res.exception, PocketLMError) and "geometry" in str(res.exception)

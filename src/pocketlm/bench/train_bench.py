@@ -39,24 +39,25 @@ def _path_options(name: str) -> dict:
 
 
 def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward over one training forward: the activation memory of a step, measurable
-    on any device (CUDA peak memory also counts the allocator's caching and the weights)."""
-    total = 0
-    seen: set[int] = set()
+    """Bytes autograd keeps for backward over one training forward: the activation memory of a step.
+
+    Counted per storage (views of one tensor count once; weights and buffers not at all), so it works on any
+    device, including `meta` (exact sizes for a real geometry and batch without allocating anything; CUDA peak
+    memory also counts the allocator's caching and the weights)."""
+    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        nonlocal total
-        key = id(t)  # parameters and shared inputs are saved many times but held once
-        if key not in seen and not isinstance(t, nn.Parameter):
-            seen.add(key)
-            total += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        if st._cdata not in weights:
+            seen[st._cdata] = st.nbytes()
         return t
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).loss
     del loss
-    return total
+    return sum(seen.values())
 
 
 def adapter_bytes(model: nn.Module) -> dict[str, int]:

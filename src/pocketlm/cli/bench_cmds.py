@@ -61,3 +61,42 @@ def bench_train_cmd(
 
 def _mb(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+@bench_app.command("memory")
+def bench_memory_cmd(
+    model: str = typer.Option("qwen2.5-0.5b-geometry", help=f"A geometry: {', '.join(GEOMETRIES)}"),
+    experts: str = typer.Option("2,4,8", help="Expert counts."),
+    paths: str = typer.Option("fused,fused_recompute,fused_dense,reference",
+                              help=f"Mixture paths, from: {', '.join(BENCH_PATHS)}."),
+    batch: int = typer.Option(64),
+    seq: int = typer.Option(128),
+    dtype: str = typer.Option("bfloat16", help="float32 | bfloat16"),
+    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+) -> None:
+    """Exact training-step activation memory at a real geometry, computed on the meta device (no GPU needed)."""
+    from ..bench.memory import bench_memory, meta_model
+
+    doc = bench_memory(meta_model(model, dtype), experts=[int(e) for e in experts.split(",")],
+                       paths=tuple(paths.split(",")), batch=batch, seq=seq)
+    doc.update(model=model, torch=torch.__version__)
+    table = Table(title=f"training-step memory, {model}, batch {batch} x {seq}, {doc['dtype']} "
+                        f"(weights {_gb(doc['weights_bytes'])})")
+    for col in ("experts", "path", "saved activations", "x single LoRA", "per-user state", "resident at backward"):
+        table.add_column(col, justify="right")
+    s = doc["single_lora"]
+    table.add_row("1", "single LoRA", _gb(s["saved_activation_bytes"]), "1.00", _mb(s["per_user_bytes"]),
+                  _gb(s["resident_at_backward_bytes"]))
+    for r in doc["results"]:
+        table.add_row(str(r["experts"]), r["path"], _gb(r["saved_activation_bytes"]), f"{r['activation_ratio']:.2f}",
+                      _mb(r["per_user_bytes"]), _gb(r["resident_at_backward_bytes"]))
+    console.print(table)
+    console.print("resident at backward = weights + adapters, their gradients and AdamW moments + saved activations;"
+                  " a GPU's peak adds backward's transient buffers")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(doc, indent=2))
+
+
+def _gb(n) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -67,8 +67,10 @@ def dense(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> tor
         k = len(firsts)
         pre = [bp.unsqueeze(0) + scale * torch.einsum("enr,eir->eni", lo, B)
                for bp, lo, B in zip(tensors[:k], tensors[k:2 * k], tensors[2 * k:], strict=True)]
-        gh = g.t().unsqueeze(-1) * mix.act(pre)                # g_e * h_e: [E, N, I]
-        return gh.sum(0), torch.einsum("eni,eri->enr", gh, A_last)
+        h = mix.act(pre)                                       # [E, N, I]
+        gt = g.t().unsqueeze(-1)
+        # g_e h_e is only a temporary: both consumers save h (once) and the small gates, not a second E x N x I
+        return (gt * h).sum(0), torch.einsum("eni,eri->enr", h, A_last) * gt
 
     gh_sum, low = _maybe_checkpoint(block, recompute, g, A_last, *base_pre, *lows, *Bs)
     return _down(mix, gh_sum, g) + scale_last * torch.einsum("enr,edr->nd", low, B_last)
@@ -95,9 +97,9 @@ def topk(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torc
         m = len(firsts)
         pre = [bp.unsqueeze(1) + scale * (lo @ B)              # [N, k, I]: chosen experts only
                for bp, lo, B in zip(tensors[:m], tensors[m:2 * m], tensors[2 * m:], strict=True)]
-        gh = w.unsqueeze(-1) * mix.act(pre)                    # [N, k, I]
-        low = (gh @ A_cat.t()).unflatten(-1, (num_e, -1)) * onehot  # keep each slot's own expert block
-        return gh.sum(1), low.sum(1).flatten(1)                # [N, I], [N, E*r]
+        h = mix.act(pre)                                       # [N, k, I]
+        low = (h @ A_cat.t()).unflatten(-1, (num_e, -1)) * (onehot * w[..., None, None])  # slot's own expert block
+        return (w.unsqueeze(-1) * h).sum(1), low.sum(1).flatten(1)  # [N, I], [N, E*r]
 
     gh_sum, low = _maybe_checkpoint(block, recompute, w, onehot, A_cat, *base_pre, *lows, *Bs)
     B_cat = B_last.permute(0, 2, 1).reshape(num_e * B_last.shape[2], B_last.shape[1])  # [E*r, out]
