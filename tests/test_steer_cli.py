@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from pocketlm.cli import app
@@ -124,3 +125,22 @@ def test_merge_rejects_overlap_mismatch_and_junk(tmp_path):
     res = runner.invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
                               "--offset", "3"])
     assert "no rows after the first 3" in str(res.exception)
+
+
+def test_merge_compares_kappas_by_value():
+    """A hand-written kappa description and the CLI's own agree when the number agrees; another kappa does not."""
+    from pocketlm.errors import DataError
+    from pocketlm.eval.steer_eval import merge_runs
+    from pocketlm.steer.data import SteerExample
+
+    def run(ids, costeer_kappa):
+        return {"settings": {"max_new_tokens": 8, "kappas": {"cloud": None, "costeer": costeer_kappa}},
+                "methods": {"cloud": {"private": True}, "costeer": {"private": True}},
+                "examples": [{"id": i, "outputs": {"cloud": {"text": "a b"}, "costeer": {"text": "a c"}}} for i in ids]}
+
+    exs = [SteerExample(str(i), "q", "p", "a b c", "cogenesis") for i in range(4)]
+    doc = merge_runs([run(["0", "1"], "T=20 loop (alpha=2, beta=1, lambda=2, eta=10) == kappa 1.78326"),
+                      run(["2", "3"], "T=20 loop == kappa 1.78326")], exs)
+    assert doc["methods"]["costeer"]["n"] == 4
+    with pytest.raises(DataError, match="different kappas"):
+        merge_runs([run(["0", "1"], 1.0), run(["2", "3"], 3.0)], exs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from statistics import fmean, stdev
@@ -78,6 +79,16 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
 GENERATION_KEYS = ("cloud", "local", "max_new_tokens", "temperature", "top_p", "seed", "dtype", "vocab")
 
 
+def _kappa_value(v) -> float | None:
+    """A method's kappa as recorded (a number, or a description such as 'T=20 loop == kappa 1.78326')."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return round(float(v), 4)
+    found = re.findall(r"kappa\s*([0-9.]+)", str(v))
+    return round(float(found[-1]), 4) if found else str(v)
+
+
 class _MethodInfo:
     """What `score` needs of a method, read back from a results file."""
 
@@ -101,9 +112,9 @@ def merge_runs(docs: list[dict], examples: list[SteerExample]) -> dict:
             raise DataError(f"cannot pool runs generated with different settings: {', '.join(diff)}")
     names = [n for n in docs[0]["methods"] if all(n in d["methods"] for d in docs[1:])]
     for n in names:
-        kappas = {str(d["settings"].get("kappas", {}).get(n)) for d in docs}
+        kappas = {_kappa_value(d["settings"].get("kappas", {}).get(n)) for d in docs}
         if len(kappas) > 1:
-            raise DataError(f"method {n!r} ran with different kappas: {sorted(kappas)}")
+            raise DataError(f"method {n!r} ran with different kappas: {sorted(map(str, kappas))}")
     if not names:
         raise DataError("the runs have no method in common")
     refs_by_id = {e.id: e.reference for e in examples}
