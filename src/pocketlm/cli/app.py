@@ -30,7 +30,7 @@ err_console = Console(stderr=True)
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

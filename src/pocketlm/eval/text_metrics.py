@@ -6,21 +6,28 @@ metric is reported as unavailable with the reason, never approximated.
 
 from __future__ import annotations
 
+import functools
 import logging
 from statistics import mean
 
 log = logging.getLogger(__name__)
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1 and ROUGE-L F1 (x100, Porter stemming), as LongLaMP/CoSteer report them."""
+@functools.cache
+def _scorer():
+    """One scorer per process: building one costs a tokenizer setup (and an absl log line) each time."""
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1 (x100, Porter stemming), as LongLaMP/CoSteer report them."""
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
     if not predictions:
         return {"rouge1": float("nan"), "rougeL": float("nan")}
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scorer = _scorer()
     r1, rl = [], []
     for p, r in zip(predictions, references, strict=True):
         s = scorer.score(r, p)
