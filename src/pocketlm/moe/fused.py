@@ -81,7 +81,8 @@ def topk(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torc
     firsts, last = FAMILIES[mix.family]
     num_e, k = mix.num_experts, mix.top_k
     w, idx = g.topk(k, dim=-1)                                  # the chosen experts' gates (the nonzeros of g)
-    onehot = torch.nn.functional.one_hot(idx, num_e).to(x.dtype).unsqueeze(-1)  # [N, k, E, 1]
+    # [N, k, E, 1]; a comparison, not F.one_hot, which validates indices on the host on some devices
+    onehot = (idx.unsqueeze(-1) == torch.arange(num_e, device=idx.device)).to(x.dtype).unsqueeze(-1)
     base_pre, lows, Bs = [], [], []
     scale = None
     for n in firsts:
