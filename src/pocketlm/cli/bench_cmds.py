@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..bench.train_bench import BENCH_PATHS, bench_train
+from ..jsonfile import write_json
 from .app import bench_app, console
 
 
@@ -55,8 +55,7 @@ def bench_train_cmd(
                       _mb(r.get("per_user_bytes")))
     console.print(table)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2))
+        write_json(doc, json_out)
 
 
 def _mb(n) -> str:
@@ -94,8 +93,7 @@ def bench_memory_cmd(
     console.print("resident at backward = weights + adapters, their gradients and AdamW moments + saved activations;"
                   " a GPU's peak adds backward's transient buffers")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2))
+        write_json(doc, json_out)
 
 
 def _gb(n) -> str:

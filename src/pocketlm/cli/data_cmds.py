@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,6 +9,7 @@ from rich.table import Table
 
 from ..data import build_scenario, load_corpus, token_summary
 from ..eval import per_user_perplexity
+from ..jsonfile import write_json
 from ..models import load_model
 from .app import app, console
 
@@ -71,7 +71,7 @@ def ppl_cmd(
                               pad_id=tok.pad_token_id or 0)
     console.print(ppl_table(ppl, f"{model} on {corpus} ({scenario}, {split})"))
     if json_out:
-        json_out.write_text(json.dumps(ppl, indent=2))
+        write_json(ppl, json_out)
 
 
 @app.command("prepare")

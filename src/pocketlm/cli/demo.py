@@ -13,8 +13,9 @@ from pathlib import Path
 
 import typer
 
-from ..collab import Workspace, compare, load_config, write_json
+from ..collab import Workspace, compare, load_config
 from ..data import token_summary
+from ..jsonfile import write_json
 from .app import app, console
 from .data_cmds import summary_table
 from .train_cmds import compare_table, write_plots

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import DataError, PocketLMError
+from ..jsonfile import write_json
 from ..steer.decoding import Sampling, SteerRequest
 from ..steer.demo import private_prompt
 from ..steer.fusion import kappa_from_hparams
@@ -157,8 +158,7 @@ def eval_steer_merge_cmd(
     doc["settings"]["data"] = str(data)
     _print_scores(doc, f"eval-steer pooled over {len(runs)} runs: {doc['examples_done']} rows")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+        write_json(doc, json_out, indent=1, ensure_ascii=False)
 
 
 def _print_scores(doc: dict, title: str) -> None:
@@ -210,5 +210,4 @@ def bench_steer_cmd(
         table.add_row(name, f"{r['tok_s']:.2f}", f"{r['ratio']:.3f}", str(r.get("steered_tokens", "-")))
     console.print(table)
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(doc, indent=2))
+        write_json(doc, json_out)

@@ -7,9 +7,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..collab import Workspace, compare, get_strategy, load_config, run_strategy, write_json
+from ..collab import Workspace, compare, get_strategy, load_config, run_strategy
 from ..data import token_summary
 from ..eval.report import plot_ppl_curves, plot_routing
+from ..jsonfile import write_json
 from .app import app, console
 from .data_cmds import summary_table
 

@@ -2,7 +2,7 @@
 
 from .client import Device, bind, cosine_factor
 from .config import ConfigError, TrainConfig, load_config
-from .experiment import Workspace, compare, run_strategy, write_json
+from .experiment import Workspace, compare, run_strategy
 from .server import RoundReport, Server, Upload
 from .simulation import Simulation
 from .strategies import STRATEGIES, Strategy, experts_per_user, get_strategy
@@ -10,5 +10,5 @@ from .strategies import STRATEGIES, Strategy, experts_per_user, get_strategy
 __all__ = [
     "STRATEGIES", "ConfigError", "Device", "RoundReport", "Server", "Simulation", "Strategy", "TrainConfig",
     "Upload", "Workspace", "bind", "compare", "cosine_factor", "experts_per_user", "get_strategy",
-    "load_config", "run_strategy", "write_json",
+    "load_config", "run_strategy",
 ]

@@ -7,7 +7,6 @@ perplexities are directly comparable. Its JSON is `{"scenario", "strategies": {N
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -67,9 +66,3 @@ def compare(ws: Workspace, names: list[str], *, resume: bool = False) -> dict:
         doc["strategies"][name] = sim.final()
         doc["histories"][name] = sim.history
     return doc
-
-
-def write_json(doc: dict, path: str | Path) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=2))

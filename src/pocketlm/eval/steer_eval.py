@@ -7,7 +7,6 @@ Results are rewritten after every example, so an interrupted run still leaves ho
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 
 from ..errors import DataError
+from ..jsonfile import write_json
 from ..progress import progress
 from ..steer.data import SteerExample
 from ..steer.decoding import Sampling, SteerEngine, SteerRequest
@@ -70,8 +70,7 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
         doc.update(examples_done=i + 1, examples_planned=len(examples),
                    elapsed_s=round(time.perf_counter() - t0, 1), examples=records)
         if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+            write_json(doc, json_out, indent=1, ensure_ascii=False)
         log.info("example %d/%d (%s) done after %.0f s", i + 1, len(examples), ex.id, time.perf_counter() - t0)
     return doc
 
