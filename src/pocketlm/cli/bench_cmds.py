@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import platform
-from pathlib import Path
 
 import torch
 import typer
 from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
-from ..bench.train_bench import BENCH_PATHS, bench_train
+from ..bench.train_bench import bench_train
 from ..jsonfile import write_json
 from .app import bench_app, console
+from .options import BatchOpt, DeviceOpt, DtypeOpt, ExpertsOpt, JsonOutOpt, PathsOpt, SeqOpt
 
 
 def hardware() -> str:
@@ -24,16 +24,15 @@ def hardware() -> str:
 @bench_app.command("train")
 def bench_train_cmd(
     model: str = typer.Option("smollm2-135m-geometry", help=f"Model spec or a random geometry: {', '.join(GEOMETRIES)}"),
-    experts: str = typer.Option("2,4,8", help="Expert counts to time."),
-    paths: str = typer.Option("fused,fused_dense,reference",
-                              help=f"Mixture paths to time, from: {', '.join(BENCH_PATHS)}."),
-    batch: int = typer.Option(4),
-    seq: int = typer.Option(128),
+    experts: ExpertsOpt = "2,4,8",
+    paths: PathsOpt = "fused,fused_dense,reference",
+    batch: BatchOpt = 4,
+    seq: SeqOpt = 128,
     steps: int = typer.Option(5, help="Timed steps (median reported)."),
     warmup: int = typer.Option(2),
-    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    json_out: JsonOutOpt = None,
 ) -> None:
     """Median training-step time of single-LoRA vs mixture (fused and reference) on one model and batch."""
     base, _ = load_bench_model(model, device=device, dtype=dtype)
@@ -65,13 +64,12 @@ def _mb(n) -> str:
 @bench_app.command("memory")
 def bench_memory_cmd(
     model: str = typer.Option("qwen2.5-0.5b-geometry", help=f"A geometry: {', '.join(GEOMETRIES)}"),
-    experts: str = typer.Option("2,4,8", help="Expert counts."),
-    paths: str = typer.Option("fused,fused_recompute,fused_dense,reference",
-                              help=f"Mixture paths, from: {', '.join(BENCH_PATHS)}."),
-    batch: int = typer.Option(64),
-    seq: int = typer.Option(128),
-    dtype: str = typer.Option("bfloat16", help="float32 | bfloat16"),
-    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+    experts: ExpertsOpt = "2,4,8",
+    paths: PathsOpt = "fused,fused_recompute,fused_dense,reference",
+    batch: BatchOpt = 64,
+    seq: SeqOpt = 128,
+    dtype: DtypeOpt = "bfloat16",
+    json_out: JsonOutOpt = None,
 ) -> None:
     """Exact training-step activation memory at a real geometry, computed on the meta device (no GPU needed)."""
     from ..bench.memory import bench_memory, meta_model

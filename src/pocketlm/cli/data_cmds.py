@@ -12,6 +12,7 @@ from ..eval import per_user_perplexity
 from ..jsonfile import write_json
 from ..models import load_model
 from .app import app, console
+from .options import DeviceOpt, DtypeOpt
 
 
 def summary_table(summary: dict[str, dict[str, int]], title: str) -> Table:
@@ -59,8 +60,8 @@ def ppl_cmd(
     max_chars: int = typer.Option(None),
     block_len: int = typer.Option(128),
     batch_size: int = typer.Option(8),
-    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
-    dtype: str = typer.Option("float32"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
     seed: int = typer.Option(0),
     json_out: Path = typer.Option(None, "--json", help="Write {user: ppl} here."),
 ) -> None:

@@ -18,6 +18,7 @@ from ..data import token_summary
 from ..jsonfile import write_json
 from .app import app, console
 from .data_cmds import summary_table
+from .options import DeviceOpt
 from .train_cmds import compare_table, write_plots
 
 DEMO_CONTEXT = ("I am Giulia, a retired sailor from Genoa. I always answer in a cheerful tone, I love the sea, "
@@ -37,7 +38,7 @@ def demo_cmd(
     max_chars: int = typer.Option(60_000, help="Text per user (characters) kept for the demo."),
     out: Path = typer.Option(Path("runs/demo"), help="Where results, adapters and PNGs go."),
     steer: bool = typer.Option(True, help="End with a steered vs plain generation."),
-    device: str = typer.Option(None),
+    device: DeviceOpt = None,
     seed: int = typer.Option(42),
 ) -> None:
     """Train CoMiGS vs local vs FedAvg briefly on 4 users writing in 4 languages; then steer one answer."""

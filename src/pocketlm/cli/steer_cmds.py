@@ -20,6 +20,18 @@ from ..steer.methods import METHODS, get_method, parse_methods
 from ..steer.session import load_engine
 from .app import app, bench_app, console
 from .bench_cmds import hardware
+from .options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOutOpt,
+    MaxNewTokensOpt,
+    OverlapOpt,
+    SeedOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopPOpt,
+    VocabOpt,
+)
 
 EVAL_METHODS = "cloud,cloud_with_context,device_with_context,costeer,light_costeer,closed_form,plausible,adaptive"
 BENCH_METHODS = "costeer,light_costeer,closed_form,plausible,adaptive,ada_costeer,device_with_context"
@@ -39,9 +51,6 @@ def _kappa_desc(m):
     return None if f.rule in ("cloud", "device") else f.kappa
 
 
-OVERLAP_HELP = "Run the cloud step in a worker thread while the device streams step (same tokens)."
-
-
 def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, seed=seed)
 
@@ -54,14 +63,14 @@ def steer_cmd(
     context: Path = typer.Option(None, help="Private context file (stays on the device)."),
     method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappa: float = typer.Option(None, help="Steering strength for closed_form/plausible/adaptive/ada_costeer."),
-    max_new_tokens: int = typer.Option(128),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
-    seed: int = typer.Option(0),
-    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    vocab: str = typer.Option("shared", help="shared (same tokenizer) | intersection (cross-family)."),
-    overlap: bool = typer.Option(False, help=OVERLAP_HELP),
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    vocab: VocabOpt = "shared",
+    overlap: OverlapOpt = False,
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal."""
     ctx = ""
@@ -100,15 +109,15 @@ def eval_steer_cmd(
     kappas: str = typer.Option(None, help="Extra closed_form kappas for sensitivity, e.g. 0.5,1,3."),
     limit: int = typer.Option(None, help="First N rows only (after --offset)."),
     offset: int = typer.Option(0, help="Skip the first N rows (run slices separately, pool with eval-steer-merge)."),
-    max_new_tokens: int = typer.Option(128),
-    temperature: float = typer.Option(0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
-    seed: int = typer.Option(0),
-    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
-    vocab: str = typer.Option("shared", help="shared | intersection"),
-    threads: int = typer.Option(None, help="torch CPU threads (1 is fastest when another job shares the cores)."),
-    overlap: bool = typer.Option(False, help=OVERLAP_HELP),
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    vocab: VocabOpt = "shared",
+    threads: ThreadsOpt = None,
+    overlap: OverlapOpt = False,
     json_out: Path = typer.Option(None, "--json", help="Write scores (+ every generation) here."),
 ) -> None:
     """Generate with every method on each row and score ROUGE-1/ROUGE-L (METEOR when WordNet is installed)."""
@@ -185,10 +194,10 @@ def bench_steer_cmd(
     repeats: int = typer.Option(3, help="Timed rounds (median), interleaved across methods."),
     unbatched: bool = typer.Option(True, help="Also time closed_form with the two device streams unbatched."),
     overlap: bool = typer.Option(True, help="Also time closed_form with the cloud step overlapped (worker thread)."),
-    device: str = typer.Option(None, help="cpu | cuda (default: cuda when present)"),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16"),
-    threads: int = typer.Option(None, help="torch CPU threads."),
-    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    json_out: JsonOutOpt = None,
 ) -> None:
     """Decoding tokens/s of plain cloud greedy decoding and of each steering method, in one run."""
     from ..bench.steer_bench import bench_steer

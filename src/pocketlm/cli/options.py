@@ -1,0 +1,31 @@
+"""Command-line options several commands share, declared once (type, flag and help) and used as annotations:
+`device: DeviceOpt = None`. Each command keeps its own default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..bench.train_bench import BENCH_PATHS
+
+DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda (default: cuda when present)")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
+ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads (1 is fastest when another job shares the cores).")]
+JsonOutOpt = Annotated[Path, typer.Option("--json", help="Write the results here.")]
+
+# decoding (steer, eval-steer)
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Stop after this many new tokens.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+SeedOpt = Annotated[int, typer.Option(help="Sampling seed.")]
+VocabOpt = Annotated[str, typer.Option(help="shared (same tokenizer) | intersection (cross-family).")]
+OverlapOpt = Annotated[bool, typer.Option(
+    help="Run the cloud step in a worker thread while the device streams step (same tokens).")]
+
+# training benchmarks (bench train, bench memory)
+ExpertsOpt = Annotated[str, typer.Option(help="Expert counts, comma separated.")]
+PathsOpt = Annotated[str, typer.Option(help=f"Mixture paths, from: {', '.join(BENCH_PATHS)}.")]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per step.")]
+SeqOpt = Annotated[int, typer.Option(help="Tokens per sequence.")]
