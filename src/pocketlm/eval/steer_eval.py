@@ -20,7 +20,7 @@ from ..progress import progress
 from ..steer.data import SteerExample
 from ..steer.decoding import Sampling, SteerEngine, SteerRequest
 from ..steer.methods import Method
-from .text_metrics import meteor, meteor_status, rouge_scores
+from .text_metrics import meteor, meteor_status, rouge_means, rouge_per_example
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,21 @@ def score(methods: list[Method], outputs: dict[str, list[str]], references: list
     """`{"methods": {name: {rouge1, rougeL, meteor, n}}, "meteor": {...}}` over the examples done so far."""
     ok, reason = meteor_status()
     doc: dict = {"methods": {}, "meteor": {"available": ok, "reason": reason}}
+    per: dict[str, list[tuple[float, float]]] = {}  # each example scored once, for the means and the deltas
     for m in methods:
         preds = outputs[m.name]
         refs = references[: len(preds)]
-        row = {**rouge_scores(preds, refs), "n": len(preds), "private": m.private, "doc": m.doc}
+        per[m.name] = rouge_per_example(preds, refs)
+        row = {**rouge_means(per[m.name]), "n": len(preds), "private": m.private, "doc": m.doc}
         row["meteor"] = meteor(preds, refs) if ok else None
         doc["methods"][m.name] = row
-    if "cloud" in outputs:
-        base = per_example_rouge1(outputs["cloud"], references)
+    if "cloud" in per:
+        base = [100 * r1 for r1, _ in per["cloud"]]
         for m in methods:
-            d = [a - b for a, b in zip(per_example_rouge1(outputs[m.name], references), base, strict=True)]
+            d = [100 * r1 - b for (r1, _), b in zip(per[m.name], base, strict=True)]
             se = stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
             doc["methods"][m.name]["rouge1_delta_vs_cloud"] = {"mean": fmean(d) if d else float("nan"), "se": se}
     return doc
-
-
-def per_example_rouge1(preds: list[str], refs: list[str]) -> list[float]:
-    return [rouge_scores([p], [r])["rouge1"] for p, r in zip(preds, refs, strict=False)]
 
 
 def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Method], *,

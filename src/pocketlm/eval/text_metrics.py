@@ -21,19 +21,29 @@ def _scorer():
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
 
 
-def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1 and ROUGE-L F1 (x100, Porter stemming), as LongLaMP/CoSteer report them."""
+def rouge_per_example(predictions: list[str], references: list[str]) -> list[tuple[float, float]]:
+    """(ROUGE-1, ROUGE-L) F1 in [0, 1] of each prediction against its reference (Porter stemming)."""
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
-    if not predictions:
-        return {"rouge1": float("nan"), "rougeL": float("nan")}
     scorer = _scorer()
-    r1, rl = [], []
+    out = []
     for p, r in zip(predictions, references, strict=True):
         s = scorer.score(r, p)
-        r1.append(s["rouge1"].fmeasure)
-        rl.append(s["rougeL"].fmeasure)
-    return {"rouge1": float(100 * mean(r1)), "rougeL": float(100 * mean(rl))}
+        out.append((s["rouge1"].fmeasure, s["rougeL"].fmeasure))
+    return out
+
+
+def rouge_means(per_example: list[tuple[float, float]]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1 x100, as LongLaMP/CoSteer report them."""
+    if not per_example:
+        return {"rouge1": float("nan"), "rougeL": float("nan")}
+    return {"rouge1": float(100 * mean(a for a, _ in per_example)),
+            "rougeL": float(100 * mean(b for _, b in per_example))}
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1 (x100, Porter stemming) of a set of predictions."""
+    return rouge_means(rouge_per_example(predictions, references))
 
 
 def meteor_status() -> tuple[bool, str]:
