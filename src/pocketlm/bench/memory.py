@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from ..errors import PocketLMError
-from ..models import resolve_dtype
 from ..moe import MoEConfig, inject_moe, shared_base_view
-from .geometries import GEOMETRIES
-from .train_bench import _path_options, adapter_bytes, saved_activation_bytes
+from .geometries import GEOMETRIES, load_bench_model
+from .train_bench import adapter_bytes, path_options, saved_activation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +24,7 @@ log = logging.getLogger(__name__)
 def meta_model(geometry: str, dtype: str | torch.dtype = "bfloat16"):
     if geometry not in GEOMETRIES:
         raise PocketLMError(f"memory estimates need a geometry ({', '.join(GEOMETRIES)}), got {geometry!r}")
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(GEOMETRIES[geometry](), dtype=resolve_dtype(dtype))
+    return load_bench_model(geometry, device="meta", dtype=dtype)[0]
 
 
 def _row(model, ids, weights: int) -> dict:
@@ -51,7 +48,7 @@ def bench_memory(base: torch.nn.Module, *, experts=(2, 4, 8), paths=("fused", "r
            "dtype": str(next(base.parameters()).dtype).replace("torch.", ""), "single_lora": single, "results": []}
     for e in experts:
         for path in paths:
-            cfg = MoEConfig(num_experts=e, top_k=top_k, rank=rank, **_path_options(path))
+            cfg = MoEConfig(num_experts=e, top_k=top_k, rank=rank, **path_options(path))
             row = _row(inject_moe(shared_base_view(base), cfg), ids, weights)
             row["activation_ratio"] = row["saved_activation_bytes"] / single["saved_activation_bytes"]
             doc["results"].append({"experts": e, "path": path, **row})

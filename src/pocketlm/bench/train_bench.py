@@ -29,7 +29,7 @@ def _sync(device: torch.device) -> None:
 BENCH_PATHS = ("fused", "fused_dense", "fused_recompute", "reference")
 
 
-def _path_options(name: str) -> dict:
+def path_options(name: str) -> dict:
     """A benchmark path name -> MoEConfig options (`fused_recompute` = fused with activation recomputation)."""
     if name not in BENCH_PATHS:
         raise PocketLMError(f"unknown benchmark path {name!r}; choose from {', '.join(BENCH_PATHS)}")
@@ -121,7 +121,7 @@ def bench_train(base: nn.Module, *, experts=(2, 4, 8), paths=("fused", "referenc
     vocab = base.get_output_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     configs = [("single", MoEConfig(num_experts=1, router=False, rank=rank, seed=seed))]
-    configs += [((e, path), MoEConfig(num_experts=e, top_k=top_k, rank=rank, seed=seed, **_path_options(path)))
+    configs += [((e, path), MoEConfig(num_experts=e, top_k=top_k, rank=rank, seed=seed, **path_options(path)))
                 for e in experts for path in paths]
     runners = [_Runner(str(key), inject_moe(shared_base_view(base), cfg)) for key, cfg in configs]
     for r in runners:
