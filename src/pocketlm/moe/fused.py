@@ -36,6 +36,12 @@ def stacked(experts, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     return A, B, getattr(experts[0], name).scale
 
 
+def _block_rows(B: torch.Tensor) -> torch.Tensor:
+    """[E, out, r] -> [E*r, out]: every expert's B^T stacked, so a vector with only expert e's block filled
+    times this matrix applies exactly B_e."""
+    return B.permute(0, 2, 1).reshape(B.shape[0] * B.shape[2], B.shape[1])
+
+
 def _maybe_checkpoint(fn, recompute: bool, *args):
     if recompute and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
@@ -90,7 +96,7 @@ def topk(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torc
         base_pre.append(getattr(mix.base, n)(x))               # [N, I]
         low = torch.einsum("nd,erd->ner", x, A)                # every expert's rank-r map: cheap, [N, E, r]
         lows.append((low.unsqueeze(1) * onehot).flatten(2))    # slot's vector in its expert's block: [N, k, E*r]
-        Bs.append(B.permute(0, 2, 1).reshape(num_e * B.shape[2], B.shape[1]))  # [E*r, I]
+        Bs.append(_block_rows(B))                              # [E*r, I]
     A_last, B_last, scale_last = stacked(mix.experts, last)
     A_cat = A_last.reshape(num_e * A_last.shape[1], A_last.shape[2])          # [E*r, I]
 
@@ -103,5 +109,4 @@ def topk(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torc
         return (w.unsqueeze(-1) * h).sum(1), low.sum(1).flatten(1)  # [N, I], [N, E*r]
 
     gh_sum, low = _maybe_checkpoint(block, recompute, w, onehot, A_cat, *base_pre, *lows, *Bs)
-    B_cat = B_last.permute(0, 2, 1).reshape(num_e * B_last.shape[2], B_last.shape[1])  # [E*r, out]
-    return _down(mix, gh_sum, g) + scale_last * (low @ B_cat)
+    return _down(mix, gh_sum, g) + scale_last * (low @ _block_rows(B_last))
