@@ -175,22 +175,27 @@ class SteerEngine:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def _timed(self, key: str, fn, *args):
+    def _measure(self, fn, *args):
+        """(fn(*args), seconds), synchronised so GPU work is inside the interval."""
         self._sync()
         t0 = time.perf_counter()
         out = fn(*args)
         self._sync()
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+        return out, time.perf_counter() - t0
+
+    def _record(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
         self.calls[key] = self.calls.get(key, 0) + 1
+
+    def _timed(self, key: str, fn, *args):
+        out, seconds = self._measure(fn, *args)
+        self._record(key, seconds)
         return out
 
     def _cloud_step_in_worker(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        # inference mode is thread-local: the worker must enter it itself
+        # inference mode is thread-local: the worker must enter it itself; the timing is recorded by the caller
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.cloud.step(ids)
-            self._sync()
-            return out, time.perf_counter() - t0
+            return self._measure(self.cloud.step, ids)
 
     def _step_both(self, cloud_ids: torch.Tensor, device: DeviceStreams, dev_ids: torch.Tensor):
         """Cloud and device steps at once: cloud in the worker thread, device streams here."""
@@ -201,8 +206,7 @@ class SteerEngine:
             dp, dc = self._timed("device", device.step, dev_ids)
         finally:
             cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
-        self.timings["cloud"] = self.timings.get("cloud", 0.0) + secs
-        self.calls["cloud"] = self.calls.get("cloud", 0) + 1
+        self._record("cloud", secs)
         return cl, dp, dc
 
     def close(self) -> None:
