@@ -55,8 +55,21 @@ def test_bench_steer_writes_json(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["plain_tok_s"] > 0
-    assert set(doc["methods"]) == {"costeer", "closed_form", "closed_form/unbatched_device", "closed_form/overlap"}
+    assert doc["kv"] == "static"  # auto, for these architectures
+    assert set(doc["methods"]) == {"costeer", "closed_form", "closed_form/unbatched_device", "closed_form/overlap",
+                                   "plain/dynamic_kv", "closed_form/dynamic_kv"}
     assert all(r["tok_s"] > 0 and r["ratio"] > 0 for r in doc["methods"].values())
+
+
+def test_bench_steer_dynamic_kv_compares_with_static(tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "steer", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--tokens", "3",
+                              "--context-tokens", "16", "--repeats", "1", "--methods", "closed_form", "--kv", "dynamic",
+                              "--no-unbatched", "--no-overlap", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["kv"] == "dynamic"
+    assert set(doc["methods"]) == {"closed_form", "plain/static_kv", "closed_form/static_kv"}
 
 
 def _cli(*args):

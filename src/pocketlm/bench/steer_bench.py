@@ -15,6 +15,8 @@ from dataclasses import replace
 from ..progress import progress
 from ..steer.decoding import SteerEngine, SteerRequest
 from ..steer.methods import Method, get_method
+from ..steer.static_stream import static_unsupported
+from ..steer.streams import resolve_kv
 
 log = logging.getLogger(__name__)
 
@@ -32,35 +34,48 @@ def synthetic_context(tokenizer, n_tokens: int) -> str:
 
 
 def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32, context_tokens: int = 1024,
-                repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True, overlap: bool = True) -> dict:
-    """Extra rows: `closed_form/unbatched_device` (two device forwards per step instead of one batched) and
-    `closed_form/overlap` (cloud step in a worker thread while the device streams step)."""
+                repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True, overlap: bool = True,
+                compare_kv: bool = True) -> dict:
+    """Every row runs on the engine's KV mode (`engine.kv`, resolved), so `ratio` compares like with like.
+    Extra rows: `closed_form/unbatched_device` (two device forwards per step instead of one batched),
+    `closed_form/overlap` (cloud step in a worker thread — its own CUDA stream on a GPU — while the device
+    streams step), and with `compare_kv` `plain/<other kv>` and `closed_form/<other kv>`: the same decoding on
+    the other cache (static <-> dynamic), ratio still against this engine's plain row."""
+    kv = resolve_kv(engine.device_model, engine.kv)
+    if kv == "static" and hasattr(engine.cloud, "model") and static_unsupported(engine.cloud.model):
+        kv = "dynamic"
     ctx = synthetic_context(engine.device_tok, context_tokens)
     req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
-    configs: list[tuple[str, Method, bool, bool]] = [("plain", get_method("cloud"), True, False)]
-    configs += [(m.name, m, True, False) for m in methods]
-    m = replace(get_method("closed_form"), name="closed_form")
+    cf = replace(get_method("closed_form"), name="closed_form")
+    configs: list[tuple[str, Method, bool, bool, str]] = [("plain", get_method("cloud"), True, False, kv)]
+    configs += [(m.name, m, True, False, kv) for m in methods]
     if unbatched:
-        configs.append(("closed_form/unbatched_device", m, False, False))
+        configs.append(("closed_form/unbatched_device", cf, False, False, kv))
     if overlap:
-        configs.append(("closed_form/overlap", m, True, True))
+        configs.append(("closed_form/overlap", cf, True, True, kv))
+    other = "dynamic" if kv == "static" else "static"
+    models = [engine.device_model] + ([engine.cloud.model] if hasattr(engine.cloud, "model") else [])
+    if compare_kv and not any(static_unsupported(m) for m in models):
+        configs += [(f"plain/{other}_kv", get_method("cloud"), True, False, other),
+                    (f"closed_form/{other}_kv", cf, True, False, other)]
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     steered: dict[str, int] = {}
     for rnd in progress(range(repeats + 1), desc="steer bench rounds", total=repeats + 1):
-        for name, m, fused, overlapped in configs:
-            engine.fuse_device_streams, engine.overlap = fused, overlapped
+        for name, m, fused, overlapped, mode in configs:
+            engine.fuse_device_streams, engine.overlap, engine.kv = fused, overlapped, mode
             n = warmup_tokens if rnd == 0 else tokens
             g = engine.generate([req], [m], max_new_tokens=n, ignore_eos=True)[0]
             if rnd > 0:
                 times[name].append(engine.timings["decode_s"])
                 steered[name] = g.steered_tokens
-    engine.fuse_device_streams, engine.overlap = True, False
+    engine.fuse_device_streams, engine.overlap, engine.kv = True, False, kv
     engine.close()
     tok_s = {name: (tokens - 1) / statistics.median(t) for name, t in times.items()}
     plain = tok_s.pop("plain")
     doc = {"plain_tok_s": plain, "methods": {}, "tokens": tokens, "context_tokens": len(
         engine.device_tok(ctx, add_special_tokens=False)["input_ids"]), "repeats": repeats, "batch": 1,
-        "vocab_size": engine.align.size, "device": str(next(engine.device_model.parameters()).device)}
+        "vocab_size": engine.align.size, "device": str(next(engine.device_model.parameters()).device),
+        "kv": kv}
     for name, v in tok_s.items():
         doc["methods"][name] = {"tok_s": v, "ratio": v / plain, "steered_tokens": steered.get(name)}
         log.info("%s: %.2f tok/s (%.3fx plain)", name, v, v / plain)

@@ -24,6 +24,7 @@ from .options import (
     DeviceOpt,
     DtypeOpt,
     JsonOutOpt,
+    KvOpt,
     MaxNewTokensOpt,
     OverlapOpt,
     SeedOpt,
@@ -71,6 +72,7 @@ def steer_cmd(
     dtype: DtypeOpt = "float32",
     vocab: VocabOpt = "shared",
     overlap: OverlapOpt = False,
+    kv: KvOpt = "auto",
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal."""
     ctx = ""
@@ -82,7 +84,7 @@ def steer_cmd(
     if m.device_ctx and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
     ids: list[int] = []
     shown = ""
 
@@ -118,6 +120,7 @@ def eval_steer_cmd(
     vocab: VocabOpt = "shared",
     threads: ThreadsOpt = None,
     overlap: OverlapOpt = False,
+    kv: KvOpt = "auto",
     json_out: Path = typer.Option(None, "--json", help="Write scores (+ every generation) here."),
 ) -> None:
     """Generate with every method on each row and score ROUGE-1/ROUGE-L (METEOR when WordNet is installed)."""
@@ -132,10 +135,10 @@ def eval_steer_cmd(
     ms = parse_methods(methods, kappas)
     _threads(threads)
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                             "seed": seed, "dtype": dtype, "vocab": vocab, "hardware": hardware(),
+                             "seed": seed, "dtype": dtype, "vocab": vocab, "kv": kv, "hardware": hardware(),
                              "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms},
                              "torch": torch.__version__}}
     doc = evaluate(engine, examples, ms, max_new_tokens=max_new_tokens, sampling=sampling, json_out=json_out,
@@ -194,6 +197,8 @@ def bench_steer_cmd(
     repeats: int = typer.Option(3, help="Timed rounds (median), interleaved across methods."),
     unbatched: bool = typer.Option(True, help="Also time closed_form with the two device streams unbatched."),
     overlap: bool = typer.Option(True, help="Also time closed_form with the cloud step overlapped (worker thread)."),
+    kv: KvOpt = "auto",
+    compare_kv: bool = typer.Option(True, help="Also time plain and closed_form on the other KV cache."),
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -206,12 +211,12 @@ def bench_steer_cmd(
     _threads(threads)
     geometry = cloud in GEOMETRIES or local in GEOMETRIES
     engine = load_engine(cloud, local, device=device, dtype=dtype, loader=load_bench_model,
-                         slice_to_tokenizer=not geometry)
+                         slice_to_tokenizer=not geometry, kv=kv)
     doc = bench_steer(engine, ms, tokens=tokens, context_tokens=context_tokens, repeats=repeats,
-                      unbatched=unbatched, overlap=overlap)
+                      unbatched=unbatched, overlap=overlap, compare_kv=compare_kv)
     doc.update(cloud=cloud, local=local, dtype=dtype, hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"steer decoding, cloud {cloud} / device {local}, {doc['context_tokens']}-token context, "
-                        f"{tokens} tokens, batch 1, {dtype} on {doc['hardware']}")
+                        f"{tokens} tokens, batch 1, {dtype}, {doc['kv']} KV cache on {doc['hardware']}")
     for col in ("method", "tok/s", "ratio vs plain", "steered tokens"):
         table.add_column(col, justify="right")
     table.add_row("plain cloud", f"{doc['plain_tok_s']:.2f}", "1.00", "-")

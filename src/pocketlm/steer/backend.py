@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .streams import LMStream
+from .streams import make_stream, resolve_kv
 
 
 @runtime_checkable
@@ -49,23 +49,43 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 class HFCloudBackend:
-    """The cloud as an in-process HF model with a KV-cached stream."""
+    """The cloud as an in-process HF model with a KV-cached stream.
 
-    def __init__(self, model, tokenizer=None):
+    `kv`: 'dynamic' (HF DynamicCache), 'static' (fixed-shape steps, CUDA graphs on a GPU) or 'auto'. The
+    attribute may be changed between generations (benchmarks compare both on one model); one stream per mode
+    is kept, so a static stream's buffers and graphs survive from one generation to the next.
+    """
+
+    def __init__(self, model, tokenizer=None, kv: str = "auto"):
         self.model = model
         self.vocab_rows = model.get_output_embeddings().weight.shape[0]
         self.eos_token_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        self.stream = LMStream(model, pad_id=pad if pad is not None else 0)
+        self.pad_id = pad if pad is not None else 0
+        self.kv = kv
+        self._streams: dict[str, object] = {}
+
+    @property
+    def stream(self):
+        mode = resolve_kv(self.model, self.kv)
+        if mode not in self._streams:
+            self._streams[mode] = make_stream(self.model, self.pad_id, mode)
+        return self._streams[mode]
+
+    def reserve(self, new_tokens: int) -> None:
+        """Optional hint before prefill: how many tokens will be decoded (sizes a static cache)."""
+        if hasattr(self.stream, "headroom"):
+            self.stream.headroom = new_tokens
 
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
-        return self.stream.prefill(prompts, expand)
+        self._active = self.stream
+        return self._active.prefill(prompts, expand)
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.stream.step(token_ids)
+        return self._active.step(token_ids)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.stream.keep(rows)
+        self._active.keep(rows)
 
     def release(self) -> None:
-        self.stream.release()
+        self._active.release()

@@ -7,8 +7,10 @@ Streams (research/costeer.md §2.5):
 The two device streams are one batched forward by default (rows [plain..., ctx...], left padded).
 With `overlap=True` the cloud step runs in a worker thread while the device streams step on the calling thread:
 the two are independent given the chosen token, so a step costs max(cloud, device) instead of their sum when
-the two can run at once (a remote cloud, or CPU cores split between them: use 1 torch thread each). Tokens are
-identical either way (tested).
+the two can run at once (a remote cloud, or CPU cores split between them: use 1 torch thread each; on a GPU the
+cloud step is issued on its own CUDA stream). Tokens are identical either way (tested).
+`kv` picks the cache of the in-process streams: 'static' = fixed-shape steps, CUDA graphs on a GPU
+(`static_stream.py`), 'dynamic' = HF DynamicCache, 'auto' = static where the architecture allows.
 Rows may use different methods (one example decoded by several methods shares one prefill per prompt);
 finished rows are dropped from every stream.
 """
@@ -27,7 +29,7 @@ from ..errors import PocketLMError
 from .backend import CloudBackend, eos_ids
 from .fusion import AdaGate, AdaptiveKappa, closed_form_bd, ftrl_loop_bd, log_policy, plausible_bd
 from .methods import Method
-from .streams import LMStream
+from .streams import make_stream
 from .vocab import VocabAlign
 
 log = logging.getLogger(__name__)
@@ -104,15 +106,22 @@ def _unique(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
 class DeviceStreams:
     """Device plain and device ctx streams: one batched forward (`fused`) or two separate ones."""
 
-    def __init__(self, model, pad_id: int, fused: bool = True):
+    def __init__(self, model, pad_id: int, fused: bool = True, kv: str = "auto"):
         self.fused = fused
-        self.a = LMStream(model, pad_id)
-        self.b = self.a if fused else LMStream(model, pad_id)
+        self.a = make_stream(model, pad_id, kv)
+        self._b = self.a if fused else make_stream(model, pad_id, kv)
+        self.b = self._b
         self.has_plain = self.has_ctx = False
         self.n = 0
 
+    def reserve(self, new_tokens: int) -> None:
+        for s in (self.a, self._b):
+            if hasattr(s, "headroom"):
+                s.headroom = new_tokens
+
     def prefill(self, plain: list[list[int]] | None, ctx: list[list[int]] | None):
         self.has_plain, self.has_ctx = plain is not None, ctx is not None
+        self.b = self._b
         pu, pe = _unique(plain) if plain else ([], [])
         cu, ce = _unique(ctx) if ctx else ([], [])
         self.n = len(pe) or len(ce)
@@ -145,7 +154,7 @@ class DeviceStreams:
 
     def release(self) -> None:
         self.a.release()
-        self.b.release()
+        self._b.release()
 
 
 class SteerEngine:
@@ -153,13 +162,20 @@ class SteerEngine:
 
     def __init__(self, cloud: CloudBackend | None, cloud_tok, device_model, device_tok, *, vocab: str = "shared",
                  system: str | None = DEFAULT_SYSTEM, fuse_device_streams: bool = True,
-                 slice_to_tokenizer: bool = True, overlap: bool = False):
+                 slice_to_tokenizer: bool = True, overlap: bool = False, kv: str = "auto",
+                 sync_timings: bool = False):
         self.cloud, self.cloud_tok = cloud, cloud_tok
         self.device_model, self.device_tok = device_model, device_tok
         self.system = system
         self.fuse_device_streams = fuse_device_streams
         self.overlap = overlap
+        self.kv = kv
+        # per-part timings synchronise a GPU before and after each part only if asked (it would serialise the
+        # overlapped cloud and device steps); otherwise they measure launch time on a GPU. decode_s is exact.
+        self.sync_timings = sync_timings
         self._pool: ThreadPoolExecutor | None = None
+        self._side_stream = None  # CUDA stream of the overlapped cloud step
+        self._device_streams: dict[tuple[bool, str], DeviceStreams] = {}
         dev_rows = device_model.get_output_embeddings().weight.shape[0]
         cloud_rows = cloud.vocab_rows if cloud is not None else dev_rows
         self.align = VocabAlign.build(vocab, cloud_tok, device_tok, cloud_rows, dev_rows, slice_to_tokenizer)
@@ -170,18 +186,35 @@ class SteerEngine:
         self.timings: dict[str, float] = {}  # seconds per part of the last generate()
         self.calls: dict[str, int] = {}      # forward calls (prefill + steps) per stream of the last generate()
 
-    def _sync(self) -> None:
+    @property
+    def kv(self) -> str:
+        return self._kv
+
+    @kv.setter
+    def kv(self, mode: str) -> None:
+        """The device streams' cache mode; an in-process cloud backend follows it."""
+        self._kv = mode
+        if hasattr(self.cloud, "kv"):
+            self.cloud.kv = mode
+
+    def _sync(self, force: bool = False) -> None:
         dev = next(self.device_model.parameters()).device
-        if dev.type == "cuda":
+        if dev.type == "cuda" and (force or self.sync_timings):
             torch.cuda.synchronize(dev)
 
     def _measure(self, fn, *args):
-        """(fn(*args), seconds), synchronised so GPU work is inside the interval."""
+        """(fn(*args), seconds); with `sync_timings` synchronised so GPU work is inside the interval."""
         self._sync()
         t0 = time.perf_counter()
         out = fn(*args)
         self._sync()
         return out, time.perf_counter() - t0
+
+    def _device_streams_for_run(self) -> DeviceStreams:
+        key = (self.fuse_device_streams, self.kv)
+        if key not in self._device_streams:
+            self._device_streams[key] = DeviceStreams(self.device_model, self.pad_id, *key)
+        return self._device_streams[key]
 
     def _record(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -195,17 +228,30 @@ class SteerEngine:
     def _cloud_step_in_worker(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         # inference mode is thread-local: the worker must enter it itself; the timing is recorded by the caller
         with torch.inference_mode():
-            return self._measure(self.cloud.step, ids)
+            if self._side_stream is None:
+                return self._measure(self.cloud.step, ids)
+            # GPU: the cloud step goes on its own stream, after the work that produced `ids`
+            side = self._side_stream
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            with torch.cuda.stream(side):
+                out, secs = self._measure(self.cloud.step, ids)
+            return out, secs
 
     def _step_both(self, cloud_ids: torch.Tensor, device: DeviceStreams, dev_ids: torch.Tensor):
         """Cloud and device steps at once: cloud in the worker thread, device streams here."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
+        if cloud_ids.device.type == "cuda" and self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(cloud_ids.device)
+        main = torch.cuda.current_stream(cloud_ids.device) if cloud_ids.device.type == "cuda" else None
         fut = self._pool.submit(self._cloud_step_in_worker, cloud_ids)
         try:
             dp, dc = self._timed("device", device.step, dev_ids)
         finally:
             cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
+        if main is not None:  # the logits were made on the side stream: order and keep them for this one
+            main.wait_stream(self._side_stream)
+            cl.record_stream(main)
         self._record("cloud", secs)
         return cl, dp, dc
 
@@ -256,14 +302,18 @@ class SteerEngine:
             # Only `cloud_with_context` rows (the non-private upper bound) put the context in the cloud prompt.
             texts = [r.private if m.cloud_prompt == "context" else r.query for r, m in zip(requests, methods, strict=True)]
             uniq, expand = _unique([chat_ids(self.cloud_tok, t, self.system) for t in texts])
+            if hasattr(self.cloud, "reserve"):
+                self.cloud.reserve(max_new_tokens)
             cl = self._timed("cloud", self.cloud.prefill, uniq, expand)
-        device = DeviceStreams(self.device_model, self.pad_id, fused=self.fuse_device_streams)
+        device = self._device_streams_for_run()
+        device.reserve(max_new_tokens)
         if use_device:
             plain = [chat_ids(self.device_tok, r.query, self.system) for r in requests] if need_plain else None
             ctx = [chat_ids(self.device_tok, r.private, self.system) for r in requests] if need_ctx else None
             dp, dc = self._timed("device", device.prefill, plain, ctx)
 
         self.timings["prefill_s"] = self.timings.get("cloud", 0.0) + self.timings.get("device", 0.0)
+        self._sync(force=True)
         t_decode = time.perf_counter()
         live = torch.arange(B)  # original row of each live position
         for step in range(max_new_tokens):
@@ -320,8 +370,9 @@ class SteerEngine:
             self.timings["fusion"] = self.timings.get("fusion", 0.0) + time.perf_counter() - t0
 
             finished = torch.zeros(live.numel(), dtype=torch.bool)
+            cloud_list, dev_list = cloud_ids.tolist(), dev_ids.tolist()  # one host transfer each per step
             for p, r in enumerate(live_list):
-                ci, di = int(cloud_ids[p]), int(dev_ids[p])
+                ci, di = cloud_list[p], dev_list[p]
                 is_eos = (ci in self.cloud_eos and use_cloud) or di in self.device_eos
                 if self.align.mode == "intersection" and use_cloud and self.cloud_eos and methods[r].cloud_prompt:
                     eos_mass = log_policy(cl[p:p + 1])[0, sorted(self.cloud_eos)].exp().sum()
@@ -362,6 +413,7 @@ class SteerEngine:
         n_tok = len(self.device_tok)
         for g in gens:  # ids past the tokenizer only occur with random benchmark geometries
             g.text = self.device_tok.decode([t for t in g.token_ids if t < n_tok], skip_special_tokens=True)
+        self._sync(force=True)
         self.timings["decode_s"] = time.perf_counter() - t_decode
         return gens
 

@@ -12,7 +12,7 @@ from .decoding import SteerEngine
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
                 vocab: str = "shared", fuse_device_streams: bool = True, seed: int = 0,
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
-                overlap: bool = False) -> SteerEngine:
+                overlap: bool = False, kv: str = "auto") -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
     knows random geometries such as `qwen2.5-7b-geometry`). One spec for both roles loads one model."""
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
@@ -22,4 +22,4 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
     return SteerEngine(HFCloudBackend(cloud_model, cloud_tok), cloud_tok, dev_model, dev_tok, vocab=vocab,
                        fuse_device_streams=fuse_device_streams, slice_to_tokenizer=slice_to_tokenizer,
-                       overlap=overlap)
+                       overlap=overlap, kv=kv)

@@ -82,6 +82,31 @@ class LMStream:
         self.cache = self.mask = self.pos = None
 
 
+KV_MODES = ("auto", "static", "dynamic")
+
+
+def resolve_kv(model, kv: str) -> str:
+    """'auto' = the static KV cache (CUDA graphs on a GPU) when the architecture allows, else the dynamic cache.
+    Static is faster on a CPU too (BENCHMARKS.md), though bf16 logits differ in the last bits from HF's
+    attention kernels: reproduce runs recorded with the dynamic cache with kv='dynamic'."""
+    from .static_stream import static_unsupported
+
+    if kv not in KV_MODES:
+        raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+    if kv != "auto":
+        return kv
+    return "static" if static_unsupported(model) is None else "dynamic"
+
+
+def make_stream(model, pad_id: int = 0, kv: str = "auto"):
+    """An `LMStream` (dynamic cache) or a `StaticLMStream` (fixed shapes, graphs on CUDA)."""
+    if resolve_kv(model, kv) == "static":
+        from .static_stream import StaticLMStream
+
+        return StaticLMStream(model, pad_id)
+    return LMStream(model, pad_id)
+
+
 def _join_left_padded(caches: list[DynamicCache], width: int) -> DynamicCache:
     """One batch cache from single-row caches of different lengths; padding slots are zeros (masked)."""
     joined = DynamicCache()

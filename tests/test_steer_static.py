@@ -1,0 +1,137 @@
+"""Static KV stream (fixed-shape decode steps, CUDA graphs on GPUs) == the dynamic-cache stream: logits per
+step, row dropping, growth past the reserved slots, CoMiGS mixture models, and identical steered tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config
+
+from pocketlm.errors import PocketLMError
+from pocketlm.models import build_tiny
+from pocketlm.moe import MoEConfig, inject_moe
+from pocketlm.steer.backend import HFCloudBackend
+from pocketlm.steer.decoding import SteerEngine, SteerRequest
+from pocketlm.steer.methods import parse_methods
+from pocketlm.steer.static_stream import StaticLMStream, static_unsupported
+from pocketlm.steer.streams import LMStream, make_stream, resolve_kv
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
+EXPAND = [0, 1, 1, 2]  # row 1 and 2 share a prompt (prefilled once)
+
+
+def tiny_qwen3(seed=0):
+    cfg = Qwen3Config(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def family_model(name):
+    return tiny_qwen3() if name == "tiny-qwen3" else build_tiny(name, seed=3)[0]
+
+
+def run(stream, steps, keep_at=None, keep_rows=None):
+    """Prefill, then feed each step's argmax back; returns the logits of every call."""
+    out = [stream.prefill(PROMPTS, EXPAND)]
+    for s in range(steps):
+        ids = out[-1].argmax(-1)
+        if s == keep_at:
+            stream.keep(keep_rows)
+            ids = ids[keep_rows]
+        out.append(stream.step(ids))
+    return out
+
+
+def assert_same(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape
+        assert (x - y).abs().max().item() < tol
+        assert torch.equal(x.argmax(-1), y.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_static_equals_dynamic_with_row_dropping(family):
+    model = family_model(family)
+    keep = torch.tensor([3, 0, 1])  # drop row 2 and reorder
+    dyn = run(LMStream(model), 6, keep_at=3, keep_rows=keep)
+    sta = run(StaticLMStream(model, graphs=False), 6, keep_at=3, keep_rows=keep)
+    assert_same(dyn, sta)
+
+
+def test_static_grows_past_reserved_slots_and_reuses_buffers():
+    model = family_model("tiny-llama")
+    stream = StaticLMStream(model, graphs=False, headroom=2)
+    dyn = run(LMStream(model), 7)
+    assert_same(dyn, run(stream, 7))
+    assert stream.capacity >= len(PROMPTS[0]) + 7
+    ptr, cap = stream.k[0].data_ptr(), stream.capacity
+    stream.release()
+    assert_same(run(LMStream(model), 3), run(stream, 3))  # fits: same buffers, no reallocation
+    assert stream.k[0].data_ptr() == ptr and stream.capacity == cap
+
+
+def test_static_stream_runs_a_comigs_mixture_model():
+    model = inject_moe(copy.deepcopy(build_tiny("tiny-qwen2", seed=4)[0]), MoEConfig(num_experts=3, top_k=2))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n or ".router." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    assert_same(run(LMStream(model), 5), run(StaticLMStream(model, graphs=False), 5))
+
+
+def test_unsupported_architectures_fall_back_or_fail_clearly():
+    gpt2 = build_tiny("tiny-gpt2")[0]
+    assert "gpt2" in static_unsupported(gpt2)
+    with pytest.raises(PocketLMError, match="static KV decoding does not support"):
+        StaticLMStream(gpt2)
+    assert isinstance(make_stream(gpt2, kv="auto"), LMStream)
+    llama = build_tiny("tiny-llama")[0]
+    assert resolve_kv(llama, "auto") == "static" and resolve_kv(gpt2, "auto") == "dynamic"
+    assert isinstance(make_stream(llama, kv="static"), StaticLMStream)
+    with pytest.raises(ValueError, match="kv must be one of"):
+        resolve_kv(llama, "paged")
+    with pytest.raises(PocketLMError, match="CUDA graphs need a CUDA device"):
+        StaticLMStream(llama, graphs=True)
+
+
+@pytest.mark.parametrize("fused,overlap", [(True, False), (False, False), (True, True)])
+def test_engine_tokens_identical_static_vs_dynamic(fused, overlap):
+    cloud, tok = build_tiny("tiny-qwen2", seed=1, vocab_size=300)
+    device, _ = build_tiny("tiny-llama", seed=2)
+    secret = "My private notes: I sail at dawn."
+    reqs = [SteerRequest(q, f"{secret}\n\n{q}") for q in ("Hi.", "Tell me about the sea, please.", "Why?")]
+    ms = parse_methods("costeer,plausible,light_costeer")
+    out = {}
+    for kv in ("dynamic", "static"):
+        eng = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok, kv=kv, fuse_device_streams=fused,
+                          overlap=overlap)
+        first = eng.generate(reqs, ms, max_new_tokens=9)
+        again = eng.generate(reqs[:1], ms[:1], max_new_tokens=4)  # reuses the static buffers
+        eng.close()
+        out[kv] = [g.token_ids for g in first + again]
+    assert out["static"] == out["dynamic"]
+
+
+def test_engine_kv_switch_reaches_the_cloud_backend():
+    cloud, tok = build_tiny("tiny-llama", seed=1)
+    eng = SteerEngine(HFCloudBackend(cloud, tok), tok, cloud, tok, kv="static")
+    assert isinstance(eng.cloud.stream, StaticLMStream)
+    eng.kv = "dynamic"
+    assert isinstance(eng.cloud.stream, LMStream)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_equals_eager_static():
+    model = family_model("tiny-qwen2").cuda()
+    keep = torch.tensor([3, 0, 1], device="cuda")
+    eager = run(StaticLMStream(model, graphs=False), 6, keep_at=3, keep_rows=keep)
+    graphed = StaticLMStream(model, graphs=True)
+    assert_same(eager, run(graphed, 6, keep_at=3, keep_rows=keep), tol=1e-4)
+    assert sorted(graphed._graphs) == [3, 4]
