@@ -70,6 +70,14 @@ def test_bench_steer_dynamic_kv_compares_with_static(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["kv"] == "dynamic"
     assert set(doc["methods"]) == {"closed_form", "plain/static_kv", "closed_form/static_kv"}
+    res = runner.invoke(app, ["bench", "steer", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--tokens", "3",
+                              "--context-tokens", "16", "--repeats", "1", "--methods", "closed_form", "--compare-kv",
+                              "none", "--no-unbatched", "--no-overlap", "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(out.read_text())["methods"]) == {"closed_form"}
+    res = runner.invoke(app, ["bench", "steer", "--cloud", "tiny-qwen2", "--local", "tiny-llama", "--compare-kv",
+                              "paged", "--device", "cpu"])
+    assert res.exit_code != 0 and "unknown KV mode" in str(res.exception)
 
 
 def _cli(*args):

@@ -135,3 +135,29 @@ def test_cuda_graph_replay_equals_eager_static():
     graphed = StaticLMStream(model, graphs=True)
     assert_same(eager, run(graphed, 6, keep_at=3, keep_rows=keep), tol=1e-4)
     assert sorted(graphed._graphs) == [3, 4]
+
+
+def test_failed_graph_capture_falls_back_to_eager_steps(monkeypatch, caplog):
+    model = family_model("tiny-llama")
+    stream = StaticLMStream(model, graphs=False)
+    stream.graphs_enabled = True  # as on a GPU; capture fails the way a synchronising module would make it
+
+    def fail(n):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(stream, "_graph", fail)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with caplog.at_level("WARNING"):
+        got = run(stream, 4)
+    assert "decodes without graphs" in caplog.text and not stream.graphs_enabled
+    assert_same(run(LMStream(model), 4), got)
+
+
+def test_compiled_static_step_equals_dynamic():
+    """torch.compile traces the step (aot_eager here: no C++ toolchain needed; GPUs use inductor)."""
+    torch._dynamo.reset()
+    model = family_model("tiny-qwen2")
+    stream = StaticLMStream(model, graphs=False, compile="aot_eager")
+    keep = torch.tensor([2, 0])
+    assert_same(run(LMStream(model), 4, keep_at=1, keep_rows=keep), run(stream, 4, keep_at=1, keep_rows=keep))
+    assert isinstance(make_stream(model, kv="compiled"), StaticLMStream)

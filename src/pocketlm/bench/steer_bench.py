@@ -35,14 +35,15 @@ def synthetic_context(tokenizer, n_tokens: int) -> str:
 
 def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32, context_tokens: int = 1024,
                 repeats: int = 3, warmup_tokens: int = 4, unbatched: bool = True, overlap: bool = True,
-                compare_kv: bool = True) -> dict:
+                compare_kv: list[str] | None = None) -> dict:
     """Every row runs on the engine's KV mode (`engine.kv`, resolved), so `ratio` compares like with like.
     Extra rows: `closed_form/unbatched_device` (two device forwards per step instead of one batched),
     `closed_form/overlap` (cloud step in a worker thread — its own CUDA stream on a GPU — while the device
-    streams step), and with `compare_kv` `plain/<other kv>` and `closed_form/<other kv>`: the same decoding on
-    the other cache (static <-> dynamic), ratio still against this engine's plain row."""
+    streams step), and for each mode in `compare_kv` (default: the other of static / dynamic; [] for none)
+    `plain/<mode>_kv` and `closed_form/<mode>_kv`: the same decoding on that cache, ratio still against this
+    engine's plain row."""
     kv = resolve_kv(engine.device_model, engine.kv)
-    if kv == "static" and hasattr(engine.cloud, "model") and static_unsupported(engine.cloud.model):
+    if kv != "dynamic" and hasattr(engine.cloud, "model") and static_unsupported(engine.cloud.model):
         kv = "dynamic"
     ctx = synthetic_context(engine.device_tok, context_tokens)
     req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
@@ -53,11 +54,14 @@ def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32,
         configs.append(("closed_form/unbatched_device", cf, False, False, kv))
     if overlap:
         configs.append(("closed_form/overlap", cf, True, True, kv))
-    other = "dynamic" if kv == "static" else "static"
     models = [engine.device_model] + ([engine.cloud.model] if hasattr(engine.cloud, "model") else [])
-    if compare_kv and not any(static_unsupported(m) for m in models):
-        configs += [(f"plain/{other}_kv", get_method("cloud"), True, False, other),
-                    (f"closed_form/{other}_kv", cf, True, False, other)]
+    if compare_kv is None:
+        compare_kv = ["static" if kv == "dynamic" else "dynamic"]
+    if any(static_unsupported(m) for m in models):
+        compare_kv = []  # the static modes cannot run here; the dynamic one is what runs already
+    for mode in dict.fromkeys(mode for mode in compare_kv if mode != kv):
+        configs += [(f"plain/{mode}_kv", get_method("cloud"), True, False, mode),
+                    (f"closed_form/{mode}_kv", cf, True, False, mode)]
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     steered: dict[str, int] = {}
     for rnd in progress(range(repeats + 1), desc="steer bench rounds", total=repeats + 1):

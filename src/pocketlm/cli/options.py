@@ -24,7 +24,8 @@ VocabOpt = Annotated[str, typer.Option(help="shared (same tokenizer) | intersect
 OverlapOpt = Annotated[bool, typer.Option(
     help="Run the cloud step in a worker thread while the device streams step (same tokens).")]
 KvOpt = Annotated[str, typer.Option(
-    help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | dynamic (HF) | auto (static where supported).")]
+    help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
+         "torch.compile first) | dynamic (HF) | auto (static where supported).")]
 
 # training benchmarks (bench train, bench memory)
 ExpertsOpt = Annotated[str, typer.Option(help="Expert counts, comma separated.")]

@@ -18,6 +18,7 @@ from ..steer.demo import private_prompt
 from ..steer.fusion import kappa_from_hparams
 from ..steer.methods import METHODS, get_method, parse_methods
 from ..steer.session import load_engine
+from ..steer.streams import KV_MODES
 from .app import app, bench_app, console
 from .bench_cmds import hardware
 from .options import (
@@ -43,6 +44,16 @@ def _threads(n: int | None) -> None:
         if n < 1:
             raise PocketLMError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
+
+
+def _kv_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    modes = [m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"]
+    bad = [m for m in modes if m not in KV_MODES or m == "auto"]
+    if bad:
+        raise PocketLMError(f"--compare-kv: unknown KV mode(s) {', '.join(bad)}; choose from static, compiled, dynamic")
+    return modes
 
 
 def _kappa_desc(m):
@@ -198,7 +209,8 @@ def bench_steer_cmd(
     unbatched: bool = typer.Option(True, help="Also time closed_form with the two device streams unbatched."),
     overlap: bool = typer.Option(True, help="Also time closed_form with the cloud step overlapped (worker thread)."),
     kv: KvOpt = "auto",
-    compare_kv: bool = typer.Option(True, help="Also time plain and closed_form on the other KV cache."),
+    compare_kv: str = typer.Option(None, help="KV modes to also time plain and closed_form on, comma list "
+                                   "(default: the other of static/dynamic; 'none' for none)."),
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -213,7 +225,7 @@ def bench_steer_cmd(
     engine = load_engine(cloud, local, device=device, dtype=dtype, loader=load_bench_model,
                          slice_to_tokenizer=not geometry, kv=kv)
     doc = bench_steer(engine, ms, tokens=tokens, context_tokens=context_tokens, repeats=repeats,
-                      unbatched=unbatched, overlap=overlap, compare_kv=compare_kv)
+                      unbatched=unbatched, overlap=overlap, compare_kv=_kv_list(compare_kv))
     doc.update(cloud=cloud, local=local, dtype=dtype, hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"steer decoding, cloud {cloud} / device {local}, {doc['context_tokens']}-token context, "
                         f"{tokens} tokens, batch 1, {dtype}, {doc['kv']} KV cache on {doc['hardware']}")

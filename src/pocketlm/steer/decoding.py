@@ -10,7 +10,8 @@ the two are independent given the chosen token, so a step costs max(cloud, devic
 the two can run at once (a remote cloud, or CPU cores split between them: use 1 torch thread each; on a GPU the
 cloud step is issued on its own CUDA stream). Tokens are identical either way (tested).
 `kv` picks the cache of the in-process streams: 'static' = fixed-shape steps, CUDA graphs on a GPU
-(`static_stream.py`), 'dynamic' = HF DynamicCache, 'auto' = static where the architecture allows.
+(`static_stream.py`), 'compiled' = static with the step compiled by torch.compile, 'dynamic' = HF
+DynamicCache, 'auto' = static where the architecture allows.
 Rows may use different methods (one example decoded by several methods shares one prefill per prompt);
 finished rows are dropped from every stream.
 """

@@ -7,6 +7,10 @@ a slot held in a device tensor, and attention reads the whole capacity under a v
 be recorded once as a CUDA graph per live batch size and replayed with one launch. On the CPU (no graphs) the
 step attends only over the filled slots.
 
+With `compile` the step is first compiled by `torch.compile` (inductor by default: it fuses the ~40 small
+elementwise kernels per layer — norms, rotary, softmax glue — that would otherwise dominate a small model's
+graph-replayed step), then captured. Compiled steps always attend over the full capacity (fixed shapes).
+
 The forward reuses the model's own modules (embeddings, norms, projections, rotary embedding, MLP — a CoMiGS
 mixture MLP too) and re-implements only the attention glue, for the Llama / Qwen2 / Qwen3 layer layout.
 Prefill runs the model's normal forward (once per distinct prompt), then copies the keys/values in.
@@ -16,6 +20,7 @@ Tests compare its logits with the dynamic-cache stream.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from transformers import DynamicCache
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 _DYNAMIC_ROPE = ("dynamic", "longrope")  # inv_freq depends on the sequence length: not a fixed graph
+# one capture at a time in the process (the overlapped cloud step captures in a worker thread); captures are
+# also thread-local, so the other thread's ordinary work (allocations, syncs) does not break them
+_CAPTURE_LOCK = threading.Lock()
 
 
 def static_unsupported(model) -> str | None:
@@ -56,7 +64,8 @@ class StaticLMStream:
     are reused by the next generation with the same live batch size.
     """
 
-    def __init__(self, model, pad_id: int = 0, *, graphs: bool | None = None, headroom: int = 256):
+    def __init__(self, model, pad_id: int = 0, *, graphs: bool | None = None, headroom: int = 256,
+                 compile: bool | str = False):
         why = static_unsupported(model)
         if why:
             raise PocketLMError(f"static KV decoding does not support {why}; use kv='dynamic'")
@@ -81,6 +90,11 @@ class StaticLMStream:
         self.forwards = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self.compiled = bool(compile)
+        self._step_fn = self._decode
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self._step_fn = torch.compile(self._decode, dynamic=False, backend=backend)
 
     @property
     def rows(self) -> int:
@@ -184,19 +198,23 @@ class StaticLMStream:
         """The captured step for `n` live rows (captured on first use). Warm-up and capture run the very step
         about to be replayed (same inputs, same slot), so they change nothing the replay would not."""
         if n not in self._graphs:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._decode(n, self.capacity)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._decode(n, self.capacity)
-            self._graphs[n] = (graph, out)
-            log.debug("captured a CUDA graph for %d rows (%d slots)", n, self.capacity)
+            with _CAPTURE_LOCK:
+                self._capture(n)
         return self._graphs[n]
+
+    def _capture(self, n: int) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._step_fn(n, self.capacity)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = self._step_fn(n, self.capacity)
+        self._graphs[n] = (graph, out)
+        log.debug("captured a CUDA graph for %d rows (%d slots)", n, self.capacity)
 
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -207,12 +225,19 @@ class StaticLMStream:
         self.ids[:n, 0].copy_(token_ids.view(-1), non_blocking=True)
         self.pos[:n].add_(1)
         self.slot.fill_(self.length)
+        graph = None
         if self.graphs_enabled:
-            graph, out = self._graph(n)
+            try:
+                graph, out = self._graph(n)
+            except RuntimeError as e:  # e.g. a custom MLP that synchronises: keep decoding, eagerly
+                log.warning("CUDA graph capture failed (%s); this stream decodes without graphs", e)
+                self.graphs_enabled, self._graphs = False, {}
+                torch.cuda.synchronize(self.device)
+        if graph is not None:
             graph.replay()
             logits = out.clone()  # the graph's output buffer is overwritten by the next replay
         else:
-            logits = self._decode(n, self.length + 1)
+            logits = self._step_fn(n, self.capacity if self.compiled else self.length + 1)
         self.length += 1
         self.forwards += 1
         return logits

@@ -82,13 +82,14 @@ class LMStream:
         self.cache = self.mask = self.pos = None
 
 
-KV_MODES = ("auto", "static", "dynamic")
+KV_MODES = ("auto", "static", "compiled", "dynamic")
 
 
 def resolve_kv(model, kv: str) -> str:
     """'auto' = the static KV cache (CUDA graphs on a GPU) when the architecture allows, else the dynamic cache.
     Static is faster on a CPU too (BENCHMARKS.md), though bf16 logits differ in the last bits from HF's
-    attention kernels: reproduce runs recorded with the dynamic cache with kv='dynamic'."""
+    attention kernels: reproduce runs recorded with the dynamic cache with kv='dynamic'. 'compiled' is static
+    with the step compiled by torch.compile before capture (minutes of compilation per live batch size)."""
     from .static_stream import static_unsupported
 
     if kv not in KV_MODES:
@@ -100,10 +101,11 @@ def resolve_kv(model, kv: str) -> str:
 
 def make_stream(model, pad_id: int = 0, kv: str = "auto"):
     """An `LMStream` (dynamic cache) or a `StaticLMStream` (fixed shapes, graphs on CUDA)."""
-    if resolve_kv(model, kv) == "static":
+    mode = resolve_kv(model, kv)
+    if mode in ("static", "compiled"):
         from .static_stream import StaticLMStream
 
-        return StaticLMStream(model, pad_id)
+        return StaticLMStream(model, pad_id, compile=mode == "compiled")
     return LMStream(model, pad_id)
 
 
