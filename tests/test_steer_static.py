@@ -161,3 +161,19 @@ def test_compiled_static_step_equals_dynamic():
     keep = torch.tensor([2, 0])
     assert_same(run(LMStream(model), 4, keep_at=1, keep_rows=keep), run(stream, 4, keep_at=1, keep_rows=keep))
     assert isinstance(make_stream(model, kv="compiled"), StaticLMStream)
+
+
+def test_graph_step_semantics_on_cpu():
+    """What a GPU does per new batch size: run the step once (warm-up), record it, replay it — so the step runs
+    twice at the same slot, over the full capacity. Both must leave the result unchanged."""
+    model = family_model("tiny-qwen3")
+    stream = StaticLMStream(model, graphs=False, headroom=3)
+    stream.compiled = True  # full-capacity attention, as in a graph
+
+    def warmup_then_replay(n, span):
+        stream._decode(n, span)
+        return stream._decode(n, span)
+
+    stream._step_fn = warmup_then_replay
+    keep = torch.tensor([1, 3])
+    assert_same(run(LMStream(model), 6, keep_at=2, keep_rows=keep), run(stream, 6, keep_at=2, keep_rows=keep))
