@@ -30,7 +30,7 @@ from ..errors import PocketLMError
 from .backend import CloudBackend, eos_ids
 from .fusion import AdaGate, AdaptiveKappa, closed_form_bd, ftrl_loop_bd, log_policy, plausible_bd
 from .methods import Method
-from .streams import make_stream
+from .streams import DeviceStreams, unique_prompts
 from .vocab import VocabAlign
 
 log = logging.getLogger(__name__)
@@ -90,72 +90,6 @@ def choose_tokens(scores: torch.Tensor, sampling: Sampling, gen: torch.Generator
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
-
-
-def _unique(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    seen: dict[tuple[int, ...], int] = {}
-    uniq, expand = [], []
-    for p in prompts:
-        key = tuple(p)
-        if key not in seen:
-            seen[key] = len(uniq)
-            uniq.append(p)
-        expand.append(seen[key])
-    return uniq, expand
-
-
-class DeviceStreams:
-    """Device plain and device ctx streams: one batched forward (`fused`) or two separate ones."""
-
-    def __init__(self, model, pad_id: int, fused: bool = True, kv: str = "auto"):
-        self.fused = fused
-        self.a = make_stream(model, pad_id, kv)
-        self._b = self.a if fused else make_stream(model, pad_id, kv)
-        self.b = self._b
-        self.has_plain = self.has_ctx = False
-        self.n = 0
-
-    def reserve(self, new_tokens: int) -> None:
-        for s in (self.a, self._b):
-            if hasattr(s, "headroom"):
-                s.headroom = new_tokens
-
-    def prefill(self, plain: list[list[int]] | None, ctx: list[list[int]] | None):
-        self.has_plain, self.has_ctx = plain is not None, ctx is not None
-        self.b = self._b
-        pu, pe = _unique(plain) if plain else ([], [])
-        cu, ce = _unique(ctx) if ctx else ([], [])
-        self.n = len(pe) or len(ce)
-        if self.fused or not (self.has_plain and self.has_ctx):
-            stream = self.a
-            logits = stream.prefill(pu + cu, pe + [len(pu) + e for e in ce])
-            self.b = stream
-            return self._split(logits)
-        return self.a.prefill(pu, pe), self.b.prefill(cu, ce)
-
-    def _split(self, logits):
-        if self.has_plain and self.has_ctx:
-            return logits[: self.n], logits[self.n:]
-        return (logits, None) if self.has_plain else (None, logits)
-
-    def step(self, ids: torch.Tensor):
-        if self.a is self.b:
-            both = self.has_plain and self.has_ctx
-            return self._split(self.a.step(torch.cat([ids, ids]) if both else ids))
-        return self.a.step(ids), self.b.step(ids)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        if self.a is self.b:
-            both = self.has_plain and self.has_ctx
-            self.a.keep(torch.cat([rows, rows + self.n]) if both else rows)
-        else:
-            self.a.keep(rows)
-            self.b.keep(rows)
-        self.n = rows.numel()
-
-    def release(self) -> None:
-        self.a.release()
-        self._b.release()
 
 
 class SteerEngine:
@@ -302,7 +236,7 @@ class SteerEngine:
         if use_cloud:
             # Only `cloud_with_context` rows (the non-private upper bound) put the context in the cloud prompt.
             texts = [r.private if m.cloud_prompt == "context" else r.query for r, m in zip(requests, methods, strict=True)]
-            uniq, expand = _unique([chat_ids(self.cloud_tok, t, self.system) for t in texts])
+            uniq, expand = unique_prompts([chat_ids(self.cloud_tok, t, self.system) for t in texts])
             if hasattr(self.cloud, "reserve"):
                 self.cloud.reserve(max_new_tokens)
             cl = self._timed("cloud", self.cloud.prefill, uniq, expand)

@@ -3,6 +3,8 @@
 Used for the cloud (inside the in-process backend) and for the device. Several prompts are prefilled
 once each and then *expanded* (the cache rows are copied) so that rows sharing a prompt — e.g. one
 example decoded by several methods — pay for the prefill once. `keep()` drops finished rows.
+`make_stream` picks this dynamic-cache stream or the fixed-shape `StaticLMStream`; `DeviceStreams` pairs the
+device's two streams (with / without the private context) as one batched forward.
 """
 
 from __future__ import annotations
@@ -107,6 +109,73 @@ def make_stream(model, pad_id: int = 0, kv: str = "auto"):
 
         return StaticLMStream(model, pad_id, compile=mode == "compiled")
     return LMStream(model, pad_id)
+
+
+def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Distinct prompts (first-seen order) and, per input, the index of its distinct prompt."""
+    seen: dict[tuple[int, ...], int] = {}
+    uniq, expand = [], []
+    for p in prompts:
+        key = tuple(p)
+        if key not in seen:
+            seen[key] = len(uniq)
+            uniq.append(p)
+        expand.append(seen[key])
+    return uniq, expand
+
+
+class DeviceStreams:
+    """Device plain and device ctx streams: one batched forward (`fused`) or two separate ones."""
+
+    def __init__(self, model, pad_id: int, fused: bool = True, kv: str = "auto"):
+        self.fused = fused
+        self.a = make_stream(model, pad_id, kv)
+        self._b = self.a if fused else make_stream(model, pad_id, kv)
+        self.b = self._b
+        self.has_plain = self.has_ctx = False
+        self.n = 0
+
+    def reserve(self, new_tokens: int) -> None:
+        for s in (self.a, self._b):
+            if hasattr(s, "headroom"):
+                s.headroom = new_tokens
+
+    def prefill(self, plain: list[list[int]] | None, ctx: list[list[int]] | None):
+        self.has_plain, self.has_ctx = plain is not None, ctx is not None
+        self.b = self._b
+        pu, pe = unique_prompts(plain) if plain else ([], [])
+        cu, ce = unique_prompts(ctx) if ctx else ([], [])
+        self.n = len(pe) or len(ce)
+        if self.fused or not (self.has_plain and self.has_ctx):
+            stream = self.a
+            logits = stream.prefill(pu + cu, pe + [len(pu) + e for e in ce])
+            self.b = stream
+            return self._split(logits)
+        return self.a.prefill(pu, pe), self.b.prefill(cu, ce)
+
+    def _split(self, logits):
+        if self.has_plain and self.has_ctx:
+            return logits[: self.n], logits[self.n:]
+        return (logits, None) if self.has_plain else (None, logits)
+
+    def step(self, ids: torch.Tensor):
+        if self.a is self.b:
+            both = self.has_plain and self.has_ctx
+            return self._split(self.a.step(torch.cat([ids, ids]) if both else ids))
+        return self.a.step(ids), self.b.step(ids)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.a is self.b:
+            both = self.has_plain and self.has_ctx
+            self.a.keep(torch.cat([rows, rows + self.n]) if both else rows)
+        else:
+            self.a.keep(rows)
+            self.b.keep(rows)
+        self.n = rows.numel()
+
+    def release(self) -> None:
+        self.a.release()
+        self._b.release()
 
 
 def _join_left_padded(caches: list[DynamicCache], width: int) -> DynamicCache:
