@@ -165,10 +165,8 @@ class SteerEngine:
         with torch.inference_mode():
             if self._side_stream is None:
                 return self._measure(self.cloud.step, ids)
-            # GPU: the cloud step goes on its own stream, after the work that produced `ids`
-            side = self._side_stream
-            side.wait_stream(torch.cuda.current_stream(side.device))
-            with torch.cuda.stream(side):
+            # GPU: the cloud step goes on its own stream (ordered after `ids` by the caller)
+            with torch.cuda.stream(self._side_stream):
                 out, secs = self._measure(self.cloud.step, ids)
             return out, secs
 
@@ -179,6 +177,11 @@ class SteerEngine:
         if cloud_ids.device.type == "cuda" and self._side_stream is None:
             self._side_stream = torch.cuda.Stream(cloud_ids.device)
         main = torch.cuda.current_stream(cloud_ids.device) if cloud_ids.device.type == "cuda" else None
+        if main is not None:
+            # order the side stream after the work that made `cloud_ids` here, before the device step is queued
+            # (waiting in the worker would also wait for the device step and serialise the two)
+            self._side_stream.wait_stream(main)
+            cloud_ids.record_stream(self._side_stream)
         fut = self._pool.submit(self._cloud_step_in_worker, cloud_ids)
         try:
             dp, dc = self._timed("device", device.step, dev_ids)
