@@ -223,3 +223,19 @@ def test_demo_function():
     plain, steered = steered_vs_plain("tiny-llama", "tiny-llama", SECRET, "Say hello.", max_new_tokens=5,
                                       device="cpu")
     assert isinstance(plain, str) and isinstance(steered, str)
+
+
+@pytest.mark.parametrize("kv", ["static", "dynamic"])
+def test_device_equal_to_cloud_at_kappa_one_recovers_cloud_with_context(models, kv):
+    """With the cloud model on the device, b + 1*(log p_ctx - log p_plain) = log p_ctx: the closed form at
+    kappa 1 must decode exactly what the cloud writes when it sees the context (an end-to-end identity through
+    both stream kinds, the device batch, and the fusion). Seen on the real 1.5B pair too (docs/results.md)."""
+    cloud, _, tok = models
+    eng = SteerEngine(HFCloudBackend(cloud, tok), tok, cloud, tok, kv=kv)
+    reqs = [req(), req("Tell me about the sea.", "I am a sailor from Genoa.")]
+    for r in reqs:
+        a, b = eng.generate([r, r], parse_methods("closed_form@1,cloud_with_context"), max_new_tokens=8,
+                            ignore_eos=True)
+        assert a.token_ids == b.token_ids
+        c = eng.generate([r], [get_method("costeer")], max_new_tokens=8, ignore_eos=True)[0]
+        assert c.steered_tokens == 8  # kappa 1.78 overshoots the context: a different decoding, still valid
