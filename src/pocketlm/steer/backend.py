@@ -74,8 +74,7 @@ class HFCloudBackend:
 
     def reserve(self, new_tokens: int) -> None:
         """Optional hint before prefill: how many tokens will be decoded (sizes a static cache)."""
-        if hasattr(self.stream, "headroom"):
-            self.stream.headroom = new_tokens
+        self.stream.reserve(new_tokens)
 
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
         self._active = self.stream

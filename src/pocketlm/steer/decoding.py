@@ -174,10 +174,11 @@ class SteerEngine:
         """Cloud and device steps at once: cloud in the worker thread, device streams here."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
-        if cloud_ids.device.type == "cuda" and self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(cloud_ids.device)
-        main = torch.cuda.current_stream(cloud_ids.device) if cloud_ids.device.type == "cuda" else None
-        if main is not None:
+        main = None
+        if cloud_ids.device.type == "cuda":
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(cloud_ids.device)
+            main = torch.cuda.current_stream(cloud_ids.device)
             # order the side stream after the work that made `cloud_ids` here, before the device step is queued
             # (waiting in the worker would also wait for the device step and serialise the two)
             self._side_stream.wait_stream(main)

@@ -23,9 +23,9 @@ import logging
 import threading
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import PocketLMError
+from .streams import prefill_one
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,10 @@ class StaticLMStream:
         self.n = n
         log.debug("static KV cache grown to %d slots", self.capacity)
 
+    def reserve(self, new_tokens: int) -> None:
+        """Decode slots to allocate past the longest prompt at the next prefill (sized once, grows if exceeded)."""
+        self.headroom = new_tokens
+
     # -- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
@@ -139,10 +143,9 @@ class StaticLMStream:
         width = max(len(p) for p in prompts)
         caches, logits = [], []
         for p in prompts:
-            ids = torch.tensor([p], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-            caches.append(out.past_key_values)
-            logits.append(out.logits[:, -1, :].float())
+            cache, last = prefill_one(self.model, p, self.device)
+            caches.append(cache)
+            logits.append(last)
             self.forwards += 1
         rows, need = len(expand), width + self.headroom
         if not self._fits(rows, need):

@@ -13,6 +13,15 @@ import torch
 from transformers import DynamicCache
 
 
+def prefill_one(model, prompt: list[int], device) -> tuple[DynamicCache, torch.Tensor]:
+    """One prompt through the model's own forward: its cache and last-position logits `[1, V]` (fp32)."""
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    pos = torch.arange(len(prompt), device=device).unsqueeze(0)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, past_key_values=DynamicCache(),
+                use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1, :].float()
+
+
 class LMStream:
     """Rows of one model decoded in lockstep: `prefill()` once, then one `step()` per generated token."""
 
@@ -48,11 +57,10 @@ class LMStream:
         width = max(len(p) for p in prompts)
         caches, logits = [], []
         for p in prompts:
-            ids = torch.tensor([p], dtype=torch.long, device=self.device)
-            self.cache, self.mask = DynamicCache(), torch.ones_like(ids)
-            pos = torch.arange(len(p), device=self.device).unsqueeze(0)
-            logits.append(self._forward(ids, pos))
-            caches.append(self.cache)
+            cache, last = prefill_one(self.model, p, self.device)
+            caches.append(cache)
+            logits.append(last)
+            self.forwards += 1
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             mask[i, width - len(p):] = 1
@@ -71,6 +79,9 @@ class LMStream:
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         self.pos = self.pos + 1
         return self._forward(ids, self.pos.view(-1, 1))
+
+    def reserve(self, new_tokens: int) -> None:
+        """Sizing hint before prefill; a dynamic cache grows as it goes, so nothing to do."""
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep (and reorder/duplicate) the given rows of the cache, mask and positions."""
@@ -136,9 +147,8 @@ class DeviceStreams:
         self.n = 0
 
     def reserve(self, new_tokens: int) -> None:
-        for s in (self.a, self._b):
-            if hasattr(s, "headroom"):
-                s.headroom = new_tokens
+        self.a.reserve(new_tokens)
+        self._b.reserve(new_tokens)
 
     def prefill(self, plain: list[list[int]] | None, ctx: list[list[int]] | None):
         self.has_plain, self.has_ctx = plain is not None, ctx is not None
