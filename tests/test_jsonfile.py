@@ -14,3 +14,11 @@ def test_write_json_replaces_whole_file(tmp_path):
     assert json.loads(path.read_text(encoding="utf-8")) == {"text": "Grüße"}
     assert "Grüße" in path.read_text(encoding="utf-8")
     assert [p.name for p in path.parent.iterdir()] == ["res.json"]
+
+
+def test_non_finite_numbers_become_null_never_bare_nan(tmp_path):
+    path = tmp_path / "res.json"
+    write_json({"se": float("nan"), "rows": [1.0, float("inf"), {"k": -float("inf")}]}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"se": None, "rows": [1.0, None, {"k": None}]}

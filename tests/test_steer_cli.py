@@ -150,9 +150,9 @@ def test_merge_rejects_overlap_mismatch_and_junk(tmp_path):
 
 def test_merge_compares_kappas_by_value():
     """A hand-written kappa description and the CLI's own agree when the number agrees; another kappa does not."""
+    from pocketlm.data.steering import SteerExample
     from pocketlm.errors import DataError
     from pocketlm.eval.steer_eval import merge_runs
-    from pocketlm.steer.data import SteerExample
 
     def run(ids, costeer_kappa):
         return {"settings": {"max_new_tokens": 8, "kappas": {"cloud": None, "costeer": costeer_kappa}},
@@ -165,3 +165,12 @@ def test_merge_compares_kappas_by_value():
     assert doc["methods"]["costeer"]["n"] == 4
     with pytest.raises(DataError, match="different kappas"):
         merge_runs([run(["0", "1"], 1.0), run(["2", "3"], 3.0)], exs)
+
+
+@pytest.mark.parametrize("spec", ["closed_form@nan", "closed_form@inf", "plausible@-2"])
+def test_non_finite_kappa_is_a_clean_error_and_writes_nothing(tmp_path, spec):
+    out = tmp_path / "res.json"
+    proc = _cli("eval-steer", "--data", str(_data(tmp_path)), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
+                "--methods", f"cloud,{spec}", "--json", str(out))
+    assert proc.returncode == 2 and "finite number >= 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from pocketlm.data.steering import load_steer_data
 from pocketlm.errors import DataError
 from pocketlm.eval import text_metrics
 from pocketlm.eval.text_metrics import meteor, meteor_status, rouge_scores
-from pocketlm.steer.data import load_steer_data
 
 
 def write(tmp_path, rows, name="d.jsonl"):

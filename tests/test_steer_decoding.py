@@ -124,6 +124,16 @@ class ScriptedCloud:
     def release(self):
         self.live = []
 
+    def reserve(self, new_tokens):
+        pass
+
+    def cache_modes(self):
+        return ("scripted",)
+
+    def set_cache_mode(self, mode):
+        if mode not in ("auto", "scripted"):
+            raise PocketLMError(f"no kv mode {mode}")
+
 
 def test_scripted_backend_satisfies_protocol():
     assert isinstance(ScriptedCloud([[1]]), CloudBackend)
@@ -214,7 +224,7 @@ def test_method_errors(models):
         get_method("nope")
     with pytest.raises(PocketLMError, match="takes no kappa"):
         get_method("costeer@2")
-    assert get_method("closed_form@0.5").fusion.kappa == 0.5
+    assert get_method("closed_form@0.5").rule.kappa == 0.5
     with pytest.raises(PocketLMError, match="needs a private context"):
         engine(models).generate([SteerRequest("q")], [get_method("costeer")], max_new_tokens=2)
 

@@ -14,9 +14,10 @@ from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe
 from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.decoding import SteerEngine, SteerRequest
+from pocketlm.steer.kvmode import make_stream, resolve_kv
 from pocketlm.steer.methods import parse_methods
 from pocketlm.steer.static_stream import StaticLMStream, static_unsupported
-from pocketlm.steer.streams import LMStream, make_stream, resolve_kv
+from pocketlm.steer.streams import LMStream
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 EXPAND = [0, 1, 1, 2]  # row 1 and 2 share a prompt (prefilled once)
@@ -95,7 +96,7 @@ def test_unsupported_architectures_fall_back_or_fail_clearly():
     llama = build_tiny("tiny-llama")[0]
     assert resolve_kv(llama, "auto") == "static" and resolve_kv(gpt2, "auto") == "dynamic"
     assert isinstance(make_stream(llama, kv="static"), StaticLMStream)
-    with pytest.raises(ValueError, match="kv must be one of"):
+    with pytest.raises(PocketLMError, match="kv must be one of"):
         resolve_kv(llama, "paged")
     with pytest.raises(PocketLMError, match="CUDA graphs need a CUDA device"):
         StaticLMStream(llama, graphs=True)

@@ -14,9 +14,8 @@ from dataclasses import replace
 
 from ..progress import progress
 from ..steer.decoding import SteerEngine, SteerRequest
+from ..steer.kvmode import cache_modes
 from ..steer.methods import Method, get_method
-from ..steer.static_stream import static_unsupported
-from ..steer.streams import resolve_kv
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,13 @@ def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32,
     streams step), and for each mode in `compare_kv` (default: the other of static / dynamic; [] for none)
     `plain/<mode>_kv` and `closed_form/<mode>_kv`: the same decoding on that cache, ratio still against this
     engine's plain row."""
-    kv = resolve_kv(engine.device_model, engine.kv)
-    if kv != "dynamic" and hasattr(engine.cloud, "model") and static_unsupported(engine.cloud.model):
+    device_modes = cache_modes(engine.device_model)
+    cloud_modes = engine.cloud.cache_modes()
+    # modes both sides can decode with; a cloud with one mode of its own (a server) leaves the device free
+    shared = [m for m in device_modes if m in cloud_modes]
+    supported = shared if shared or len(cloud_modes) > 1 else list(device_modes)
+    kv = device_modes[0] if engine.kv == "auto" else engine.kv
+    if kv not in supported:
         kv = "dynamic"
     ctx = synthetic_context(engine.device_tok, context_tokens)
     req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
@@ -54,16 +58,15 @@ def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32,
         configs.append(("closed_form/unbatched_device", cf, False, False, kv))
     if overlap:
         configs.append(("closed_form/overlap", cf, True, True, kv))
-    models = [engine.device_model] + ([engine.cloud.model] if hasattr(engine.cloud, "model") else [])
     if compare_kv is None:
         compare_kv = ["static" if kv == "dynamic" else "dynamic"]
-    if any(static_unsupported(m) for m in models):
-        compare_kv = []  # the static modes cannot run here; the dynamic one is what runs already
+    compare_kv = [m for m in compare_kv if m in supported]  # a static mode cannot run on an unsupported model
     for mode in dict.fromkeys(mode for mode in compare_kv if mode != kv):
         configs += [(f"plain/{mode}_kv", get_method("cloud"), True, False, mode),
                     (f"closed_form/{mode}_kv", cf, True, False, mode)]
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     steered: dict[str, int] = {}
+    caller = engine.settings()
     for rnd in progress(range(repeats + 1), desc="steer bench rounds", total=repeats + 1):
         for name, m, fused, overlapped, mode in configs:
             engine.fuse_device_streams, engine.overlap, engine.kv = fused, overlapped, mode
@@ -72,7 +75,7 @@ def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32,
             if rnd > 0:
                 times[name].append(engine.timings["decode_s"])
                 steered[name] = g.steered_tokens
-    engine.fuse_device_streams, engine.overlap, engine.kv = True, False, kv
+    engine.restore(caller)
     engine.close()
     tok_s = {name: (tokens - 1) / statistics.median(t) for name, t in times.items()}
     plain = tok_s.pop("plain")

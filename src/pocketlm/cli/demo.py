@@ -18,7 +18,7 @@ from ..data import token_summary
 from ..jsonfile import write_json
 from .app import app, console
 from .data_cmds import summary_table
-from .options import DeviceOpt
+from .options import DeviceOpt, MaxCopyOpt
 from .train_cmds import compare_table, write_plots
 
 DEMO_CONTEXT = ("I am Giulia, a retired sailor from Genoa. I always answer in a cheerful tone, I love the sea, "
@@ -40,6 +40,7 @@ def demo_cmd(
     steer: bool = typer.Option(True, help="End with a steered vs plain generation."),
     device: DeviceOpt = None,
     seed: int = typer.Option(42),
+    max_copy: MaxCopyOpt = 4,
 ) -> None:
     """Train CoMiGS vs local vs FedAvg briefly on 4 users writing in 4 languages; then steer one answer."""
     t0 = time.time()
@@ -61,17 +62,24 @@ def demo_cmd(
     for p in write_plots(doc["histories"], out, "demo: fortunes users"):
         console.print(f"plot: {p}")
     if steer:
-        _steer_demo(model, device)
+        _steer_demo(model, device, max_copy)
     console.print(f"done in {time.time() - t0:.0f}s")
 
 
-def _steer_demo(model: str, device: str | None) -> None:
+def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
+    from ..leakage import leak_report
     from ..steer.demo import steered_vs_plain
+    from ..steer.guards import build_guards
 
     console.print(f"\n[bold]CoSteer[/]: {model} plays the cloud (sees only the prompt) and the device "
                   "(also sees the private context)")
     console.print(f"[dim]private context (stays on the device):[/] {DEMO_CONTEXT}")
     console.print(f"[dim]prompt (goes to the cloud):[/] {DEMO_PROMPT}")
-    plain, steered = steered_vs_plain(model, model, DEMO_CONTEXT, DEMO_PROMPT, max_new_tokens=60, device=device)
+    plain, steered = steered_vs_plain(model, model, DEMO_CONTEXT, DEMO_PROMPT, max_new_tokens=60, device=device,
+                                      guards=build_guards(max_copy))
     console.print(f"[bold]cloud alone:[/] {plain.strip()}")
-    console.print(f"[bold]steered:[/] {steered.strip()}")
+    guard = f"leak guard: at most {max_copy} words copied from the context" if max_copy else "no leak guard"
+    console.print(f"[bold]steered[/] ({guard}): {steered.strip()}")
+    leak = leak_report(steered, DEMO_CONTEXT, DEMO_PROMPT)
+    console.print(f"[dim]what reached the cloud: longest span copied from the private context "
+                  f"{leak['longest_copy_words']} words; context-only words {', '.join(leak['context_words']) or 'none'}[/]")

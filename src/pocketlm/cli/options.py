@@ -27,6 +27,15 @@ KvOpt = Annotated[str, typer.Option(
     help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
          "torch.compile first) | dynamic (HF) | auto (static where supported).")]
 
+# guards after any fusion rule (steer, eval-steer, demo)
+MaxCopyOpt = Annotated[int, typer.Option(
+    help="Leak guard: no span of more than N consecutive words of the private context may be written "
+         "(every written token goes to the cloud).")]
+ProtectOpt = Annotated[str, typer.Option(
+    help="Comma list of words never completed in the output, any casing or tokenization (also 'protect:' in "
+         "the context file's front matter).")]
+NoRepeatOpt = Annotated[int, typer.Option(help="Repetition limit: no token n-gram of this size occurs twice.")]
+
 # training benchmarks (bench train, bench memory)
 ExpertsOpt = Annotated[str, typer.Option(help="Expert counts, comma separated.")]
 PathsOpt = Annotated[str, typer.Option(help=f"Mixture paths, from: {', '.join(BENCH_PATHS)}.")]

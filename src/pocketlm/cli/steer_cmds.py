@@ -14,11 +14,11 @@ from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import DataError, PocketLMError
 from ..jsonfile import write_json
 from ..steer.decoding import Sampling, SteerRequest
-from ..steer.demo import private_prompt
-from ..steer.fusion import kappa_from_hparams
+from ..steer.guards import build_guards
+from ..steer.kvmode import KV_MODES
+from ..steer.leak_guard import parse_front_matter
 from ..steer.methods import METHODS, get_method, parse_methods
 from ..steer.session import load_engine
-from ..steer.streams import KV_MODES
 from .app import app, bench_app, console
 from .bench_cmds import hardware
 from .options import (
@@ -26,8 +26,11 @@ from .options import (
     DtypeOpt,
     JsonOutOpt,
     KvOpt,
+    MaxCopyOpt,
     MaxNewTokensOpt,
+    NoRepeatOpt,
     OverlapOpt,
+    ProtectOpt,
     SeedOpt,
     TemperatureOpt,
     ThreadsOpt,
@@ -57,10 +60,14 @@ def _kv_list(text: str | None) -> list[str] | None:
 
 
 def _kappa_desc(m):
-    f = m.fusion
-    if f.rule == "loop":
-        return f"T={f.T} loop == kappa {kappa_from_hparams(f.T, f.alpha, f.beta, f.lam, f.eta):.5f}"
-    return None if f.rule in ("cloud", "device") else f.kappa
+    """A method's kappa for the result JSON: a number, the loop's equivalent, or None (no steering)."""
+    if m.rule.kind == "loop":
+        return f"T={m.rule.T} loop == kappa {m.rule.kappa_value():.5f}"
+    return m.rule.kappa_value() if m.rule.steers else None
+
+
+def _words(text: str | None) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
 def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
@@ -84,15 +91,19 @@ def steer_cmd(
     vocab: VocabOpt = "shared",
     overlap: OverlapOpt = False,
     kv: KvOpt = "auto",
+    max_copy: MaxCopyOpt = None,
+    protect: ProtectOpt = None,
+    no_repeat_ngram: NoRepeatOpt = None,
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal."""
-    ctx = ""
+    ctx, protected = "", _words(protect)
     if context is not None:
         if not context.is_file():
             raise DataError(f"context file {context} not found")
-        ctx = context.read_text(encoding="utf-8")
-    m = get_method(method, kappa)
-    if m.device_ctx and not ctx.strip():
+        ctx, front = parse_front_matter(context.read_text(encoding="utf-8"))
+        protected += front
+    m = get_method(method, kappa).with_guards(*build_guards(max_copy, protected, no_repeat_ngram))
+    if m.rule.needs_ctx and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
@@ -108,7 +119,7 @@ def steer_cmd(
             sys.stdout.flush()
             shown = text
 
-    engine.generate([SteerRequest(prompt, private_prompt(ctx, prompt) if ctx.strip() else None)], [m],
+    engine.generate([SteerRequest.with_context(prompt, ctx)], [m],
                     max_new_tokens=max_new_tokens, sampling=sampling, on_token=on_token)
     sys.stdout.write("\n")
 
@@ -132,24 +143,29 @@ def eval_steer_cmd(
     threads: ThreadsOpt = None,
     overlap: OverlapOpt = False,
     kv: KvOpt = "auto",
+    max_copy: MaxCopyOpt = None,
+    protect: ProtectOpt = None,
+    no_repeat_ngram: NoRepeatOpt = None,
     json_out: Path = typer.Option(None, "--json", help="Write scores (+ every generation) here."),
 ) -> None:
     """Generate with every method on each row and score ROUGE-1/ROUGE-L (METEOR when WordNet is installed)."""
+    from ..data.steering import load_steer_data
     from ..eval.steer_eval import evaluate
-    from ..steer.data import load_steer_data
 
     if limit is not None and limit < 1:
         raise PocketLMError(f"--limit must be >= 1, got {limit}")
     if offset < 0:
         raise PocketLMError(f"--offset must be >= 0, got {offset}")
     examples = load_steer_data(data, limit, offset)
-    ms = parse_methods(methods, kappas)
+    guards = build_guards(max_copy, _words(protect), no_repeat_ngram)
+    ms = [m.with_guards(*guards) for m in parse_methods(methods, kappas)]
     _threads(threads)
     sampling = _sampling(temperature, top_p, seed)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "kv": kv, "hardware": hardware(),
+                             "guards": [g.name for g in guards],
                              "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms},
                              "torch": torch.__version__}}
     doc = evaluate(engine, examples, ms, max_new_tokens=max_new_tokens, sampling=sampling, json_out=json_out,
@@ -164,8 +180,8 @@ def eval_steer_merge_cmd(
     json_out: Path = typer.Option(None, "--json", help="Write the pooled scores here."),
 ) -> None:
     """Pool eval-steer runs over disjoint slices (--offset) into one score: ROUGE and paired deltas recomputed."""
+    from ..data.steering import load_steer_data
     from ..eval.steer_eval import merge_runs
-    from ..steer.data import load_steer_data
 
     docs = []
     for path in runs:
@@ -184,15 +200,23 @@ def eval_steer_merge_cmd(
         write_json(doc, json_out, indent=1, ensure_ascii=False)
 
 
+def _leak_cells(leak: dict | None) -> tuple[str, str, str]:
+    if not leak:
+        return "-", "-", "-"
+    return (f"{100 * leak['ngram5_share']:.1f}%", str(leak["longest_copy_words"]),
+            f"{100 * leak['context_word_share']:.0f}%")
+
+
 def _print_scores(doc: dict, title: str) -> None:
     table = Table(title=title)
-    for col in ("method", "private", "n", "ROUGE-1", "ROUGE-L", "METEOR", "dR1 vs cloud (se)"):
+    for col in ("method", "private", "n", "ROUGE-1", "ROUGE-L", "METEOR", "dR1 vs cloud (se)", "5-gram leak",
+                "longest copy", "ctx-word outputs"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=col == "method")
     for name, r in doc["methods"].items():
         d = r.get("rouge1_delta_vs_cloud")
         table.add_row(name, "yes" if r["private"] else "NO", str(r["n"]), f"{r['rouge1']:.2f}", f"{r['rougeL']:.2f}",
                       "n/a" if r["meteor"] is None else f"{r['meteor']:.2f}",
-                      f"{d['mean']:+.2f} ({d['se']:.2f})" if d else "-")
+                      f"{d['mean']:+.2f} ({d['se']:.2f})" if d else "-", *_leak_cells(r.get("leak")))
     console.print(table)
     if not doc["meteor"]["available"]:
         console.print(f"METEOR unavailable: {doc['meteor']['reason']}")

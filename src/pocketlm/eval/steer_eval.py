@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from statistics import fmean, stdev
 
+from ..data.steering import SteerExample
 from ..errors import DataError
 from ..jsonfile import write_json
+from ..leakage import leak_report
 from ..progress import progress
-from ..steer.data import SteerExample
 from ..steer.decoding import Sampling, SteerEngine, SteerRequest
 from ..steer.methods import Method
 from .text_metrics import meteor, meteor_status, rouge_means, rouge_per_example
@@ -25,8 +26,22 @@ from .text_metrics import meteor, meteor_status, rouge_means, rouge_per_example
 log = logging.getLogger(__name__)
 
 
-def score(methods: list[Method], outputs: dict[str, list[str]], references: list[str]) -> dict:
-    """`{"methods": {name: {rouge1, rougeL, meteor, n}}, "meteor": {...}}` over the examples done so far."""
+def leak_summary(texts: list[str], examples: list[SteerExample]) -> dict:
+    """Per method: mean share of the context's distinct word 5-grams in the output, the longest copied span over
+    the examples (words; spans of the public prompt do not count), and the share of outputs containing a
+    context-only word (a non-stop-word of the private context absent from the public prompt)."""
+    reports = [leak_report(t, e.private, e.query) for t, e in zip(texts, examples, strict=False)]
+    if not reports:
+        return {"ngram5_share": 0.0, "longest_copy_words": 0, "context_word_share": 0.0}
+    return {"ngram5_share": fmean(r["ngram5_share"] for r in reports),
+            "longest_copy_words": max(r["longest_copy_words"] for r in reports),
+            "context_word_share": fmean(1.0 if r["context_words"] else 0.0 for r in reports)}
+
+
+def score(methods: list[Method], outputs: dict[str, list[str]], references: list[str],
+          examples: list[SteerExample] | None = None) -> dict:
+    """`{"methods": {name: {rouge1, rougeL, meteor, n, leak}}, "meteor": {...}}` over the examples done so far
+    (`leak` when the examples, with their private contexts, are given)."""
     ok, reason = meteor_status()
     doc: dict = {"methods": {}, "meteor": {"available": ok, "reason": reason}}
     per: dict[str, list[tuple[float, float]]] = {}  # each example scored once, for the means and the deltas
@@ -36,6 +51,8 @@ def score(methods: list[Method], outputs: dict[str, list[str]], references: list
         per[m.name] = rouge_per_example(preds, refs)
         row = {**rouge_means(per[m.name]), "n": len(preds), "private": m.private, "doc": m.doc}
         row["meteor"] = meteor(preds, refs) if ok else None
+        if examples is not None:
+            row["leak"] = leak_summary(preds, examples[: len(preds)])
         doc["methods"][m.name] = row
     if "cloud" in per:
         base = [100 * r1 for r1, _ in per["cloud"]]
@@ -63,7 +80,7 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
             rec["outputs"][m.name] = {"text": g.text, "tokens": len(g.token_ids), "finish": g.finish,
                                       "steered_tokens": g.steered_tokens}
         records.append(rec)
-        doc = score(methods, outputs, refs)
+        doc = score(methods, outputs, refs, examples)
         doc.update(settings or {})
         doc.update(examples_done=i + 1, examples_planned=len(examples),
                    elapsed_s=round(time.perf_counter() - t0, 1), examples=records)
@@ -73,7 +90,7 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
     return doc
 
 
-GENERATION_KEYS = ("cloud", "local", "max_new_tokens", "temperature", "top_p", "seed", "dtype", "vocab")
+GENERATION_KEYS = ("cloud", "local", "max_new_tokens", "temperature", "top_p", "seed", "dtype", "vocab", "guards")
 
 
 def _kappa_value(v) -> float | None:
@@ -114,21 +131,22 @@ def merge_runs(docs: list[dict], examples: list[SteerExample]) -> dict:
             raise DataError(f"method {n!r} ran with different kappas: {sorted(map(str, kappas))}")
     if not names:
         raise DataError("the runs have no method in common")
-    refs_by_id = {e.id: e.reference for e in examples}
+    by_id = {e.id: e for e in examples}
     outputs: dict[str, list[str]] = {n: [] for n in names}
-    refs, records, seen = [], [], set()
+    refs, used, records, seen = [], [], [], set()
     for d in docs:
         for rec in d["examples"]:
             if rec["id"] in seen:
                 raise DataError(f"example {rec['id']!r} appears in more than one run; pool disjoint slices")
-            if rec["id"] not in refs_by_id:
+            if rec["id"] not in by_id:
                 raise DataError(f"example {rec['id']!r} is not in the data file; pass the file the runs used")
             seen.add(rec["id"])
-            refs.append(refs_by_id[rec["id"]])
+            refs.append(by_id[rec["id"]].reference)
+            used.append(by_id[rec["id"]])
             for n in names:
                 outputs[n].append(rec["outputs"][n]["text"])
             records.append({"id": rec["id"], "outputs": {n: rec["outputs"][n] for n in names}})
-    doc = score([_MethodInfo(n, docs[0]["methods"][n]) for n in names], outputs, refs)
+    doc = score([_MethodInfo(n, docs[0]["methods"][n]) for n in names], outputs, refs, used)
     settings = {k: first.get(k) for k in GENERATION_KEYS}
     settings["kappas"] = {n: first.get("kappas", {}).get(n) for n in names}
     doc.update(settings=settings, examples_done=len(records), merged_from=len(docs),

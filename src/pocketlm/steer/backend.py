@@ -1,37 +1,19 @@
-"""The one interface through which the device reaches the cloud model.
+"""The in-process cloud: an HF model behind the `CloudBackend` stream protocol (token ids in, logits out).
 
-A backend receives token ids only (the public query's prompt ids once, then one chosen id per row per
-step) and returns next-token logits. The private context never appears in its arguments, so putting the
-cloud behind a network later (a step server, an OpenAI-compatible API) changes nothing on the device.
+A backend receives token ids only (the public query's prompt ids once, then one chosen id per row per step)
+and returns next-token logits. The private context never appears in its arguments, so a cloud behind a
+network is one more implementation of the same protocol (`protocol.py`) and changes nothing on the device.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import torch
 
-from .streams import make_stream, resolve_kv
+from ..errors import PocketLMError
+from .kvmode import cache_modes, make_stream, resolve_kv
+from .protocol import CloudBackend
 
-
-@runtime_checkable
-class CloudBackend(Protocol):
-    """prefill/step return next-token logits `[B, vocab_rows]` for each live row."""
-
-    vocab_rows: int
-    eos_token_ids: set[int]
-
-    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
-        """Start one session row per entry of `expand` (default: one per prompt) from the prompts' ids."""
-
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Append one chosen token id per live row; return the next logits."""
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these live rows (finished rows are dropped)."""
-
-    def release(self) -> None:
-        """End the session and free its state."""
+__all__ = ["CloudBackend", "HFCloudBackend", "eos_ids"]
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -51,9 +33,9 @@ def eos_ids(model, tokenizer) -> set[int]:
 class HFCloudBackend:
     """The cloud as an in-process HF model with a KV-cached stream.
 
-    `kv`: 'dynamic' (HF DynamicCache), 'static' (fixed-shape steps, CUDA graphs on a GPU) or 'auto'. The
-    attribute may be changed between generations (benchmarks compare both on one model); one stream per mode
-    is kept, so a static stream's buffers and graphs survive from one generation to the next.
+    `kv`: 'dynamic' (HF DynamicCache), 'static' (fixed-shape steps, CUDA graphs on a GPU), 'compiled' or 'auto'.
+    The mode may be changed between generations (`set_cache_mode`; benchmarks compare modes on one model); one
+    stream per mode is kept, so a static stream's buffers and graphs survive from one generation to the next.
     """
 
     def __init__(self, model, tokenizer=None, kv: str = "auto"):
@@ -62,18 +44,27 @@ class HFCloudBackend:
         self.eos_token_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_id = pad if pad is not None else 0
-        self.kv = kv
         self._streams: dict[str, object] = {}
+        self._active = None
+        self.set_cache_mode(kv)
+
+    def cache_modes(self) -> tuple[str, ...]:
+        return cache_modes(self.model)
+
+    def set_cache_mode(self, mode: str) -> None:
+        resolved = resolve_kv(self.model, mode)
+        if resolved not in self.cache_modes():
+            raise PocketLMError(f"the cloud model cannot decode with kv={mode!r} "
+                                f"(it supports {', '.join(self.cache_modes())})")
+        self.mode = resolved
 
     @property
     def stream(self):
-        mode = resolve_kv(self.model, self.kv)
-        if mode not in self._streams:
-            self._streams[mode] = make_stream(self.model, self.pad_id, mode)
-        return self._streams[mode]
+        if self.mode not in self._streams:
+            self._streams[self.mode] = make_stream(self.model, self.pad_id, self.mode)
+        return self._streams[self.mode]
 
     def reserve(self, new_tokens: int) -> None:
-        """Optional hint before prefill: how many tokens will be decoded (sizes a static cache)."""
         self.stream.reserve(new_tokens)
 
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
@@ -87,4 +78,5 @@ class HFCloudBackend:
         self._active.keep(rows)
 
     def release(self) -> None:
-        self._active.release()
+        if self._active is not None:
+            self._active.release()

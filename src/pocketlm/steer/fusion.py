@@ -13,7 +13,6 @@ log-policies in fp32. Masked (-inf) logits are replaced by a large *finite* nega
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -156,20 +155,3 @@ class AdaGate:
         self.run[rows] = torch.where(u < self.threshold, self.run[rows] + 1, torch.zeros_like(u, dtype=torch.long))
         self.active[rows] &= self.run[rows] < self.patience
         return self.active[rows].to(cloud.device)
-
-
-@dataclass(frozen=True)
-class FusionSpec:
-    """Which rule a method uses, with its parameters (see `methods.py` for the names)."""
-
-    rule: str  # "cloud" | "device" | "loop" | "closed" | "plausible" | "adaptive" | "gated"
-    kappa: float = 1.7833
-    T: int = DEFAULT_T
-    alpha: float = DEFAULT_ALPHA
-    beta: float = DEFAULT_BETA
-    lam: float = DEFAULT_LAMBDA
-    eta: float = DEFAULT_ETA
-    plausibility: float = 0.1
-    adaptive_cap: float = 3.0
-    gate_threshold: float = 0.1
-    gate_patience: int = 3

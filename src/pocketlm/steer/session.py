@@ -20,6 +20,6 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         dev_model, dev_tok = cloud_model, cloud_tok  # demo: one model plays both roles; streams stay separate
     else:
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
-    return SteerEngine(HFCloudBackend(cloud_model, cloud_tok), cloud_tok, dev_model, dev_tok, vocab=vocab,
-                       fuse_device_streams=fuse_device_streams, slice_to_tokenizer=slice_to_tokenizer,
-                       overlap=overlap, kv=kv)
+    cloud = HFCloudBackend(cloud_model, cloud_tok, kv="auto")
+    return SteerEngine(cloud, cloud_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
+                       slice_to_tokenizer=slice_to_tokenizer, overlap=overlap, kv=kv)

@@ -25,7 +25,7 @@ import threading
 import torch
 
 from ..errors import PocketLMError
-from .streams import prefill_one
+from .prefill import check_prompts, prefill_one
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ class StaticLMStream:
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
         """Run the prompts with the model's own forward; return last-position logits `[B, V]`."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_prompts(prompts)
         expand = list(range(len(prompts))) if expand is None else list(expand)
         width = max(len(p) for p in prompts)
         caches, logits = [], []

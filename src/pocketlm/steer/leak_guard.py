@@ -1,0 +1,109 @@
+"""Device-side guards against leaking the private context through the output.
+
+Every chosen token goes up to the cloud, so a steered answer that copies the private context copies it *to the
+cloud*: the demo's steered answer used to repeat its private context word for word. Two guards (guards.py)
+stop that on the device, after any fusion rule:
+
+- `MaxCopy(n)`: no candidate token may make a span of more than `n` consecutive words that occurs in the private
+  context (and not in the public prompt, which the cloud has anyway) appear in the output.
+- `Protect(words)`: a protected word (any casing, however the tokenizer splits it) is never completed in the
+  output; a prefix may be written, the token that would complete the word is refused.
+
+Both look at the decoded text of the tail of the output, so any tokenization of a word is caught.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import PocketLMError
+from ..leakage import ngrams, words
+
+TAIL_TOKENS_PER_WORD = 4
+
+
+class _TextGuard:
+    """Decodes a row's tail (+ candidate) once per check; the first word of a cut tail may be partial: dropped."""
+
+    def __init__(self, tokenizer=None, tail_words: int = 8):
+        self.tokenizer = tokenizer
+        self.tail_tokens = TAIL_TOKENS_PER_WORD * tail_words + 8
+
+    def _texts(self, generated: list[int], token: int) -> tuple[str, str]:
+        n_tok = len(self.tokenizer)
+        cut = len(generated) > self.tail_tokens
+        tail = [t for t in generated[-self.tail_tokens:] if t < n_tok]
+        before = self.tokenizer.decode(tail, skip_special_tokens=True)
+        after = self.tokenizer.decode(tail + ([token] if token < n_tok else []), skip_special_tokens=True)
+        if cut:  # the cut may fall inside a word: start both at the first word boundary of `before`
+            m = re.search(r"\W", before)
+            start = m.end() if m else len(before)
+            before, after = before[start:], after[start:]
+        return before, after
+
+
+class MaxCopy(_TextGuard):
+    def __init__(self, n: int, tokenizer=None, spans: list[set] | None = None):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PocketLMError(f"--max-copy must be an integer >= 1 (words), got {n!r}")
+        super().__init__(tokenizer, tail_words=n + 3)
+        self.n = n
+        self.name = f"max_copy_{n}"
+        self.spans = spans or []
+
+    def start(self, requests, tokenizer) -> MaxCopy:
+        spans = [ngrams(words(r.context), self.n + 1) - ngrams(words(r.query), self.n + 1) for r in requests]
+        return MaxCopy(self.n, tokenizer, spans)
+
+    def allows(self, row: int, generated: list[int], token: int) -> bool:
+        forbidden = self.spans[row]
+        if not forbidden:
+            return True
+        _, after = self._texts(generated, token)
+        ws = words(after)[-(self.n + 3):]
+        return not any(tuple(ws[i:i + self.n + 1]) in forbidden for i in range(len(ws) - self.n))
+
+
+class Protect(_TextGuard):
+    def __init__(self, protected, tokenizer=None):
+        ws = sorted({w.strip().lower() for w in protected if w and w.strip()})
+        if not ws:
+            raise PocketLMError("--protect needs at least one word")
+        longest = max(len(w) for w in ws)
+        super().__init__(tokenizer, tail_words=max(4, longest // 2))
+        self.words = ws
+        self.name = "protect"
+        self._pattern = re.compile("|".join(rf"(?<!\w){re.escape(w)}" for w in ws), re.IGNORECASE | re.UNICODE)
+
+    def start(self, requests, tokenizer) -> Protect:
+        return Protect(self.words, tokenizer)
+
+    def allows(self, row: int, generated: list[int], token: int) -> bool:
+        before, after = self._texts(generated, token)
+        return len(self._pattern.findall(after)) <= len(self._pattern.findall(before))
+
+
+def parse_front_matter(text: str) -> tuple[str, list[str]]:
+    """(context, protected words) from a context file that may start with front matter:
+
+        ---
+        protect: verbose, Giulia
+        ---
+        the private context ...
+    """
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return text, []
+    try:
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        raise PocketLMError("context file: front matter opened with '---' is never closed") from None
+    protect: list[str] = []
+    for line in lines[1:end]:
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or key.strip() != "protect":
+            raise PocketLMError(f"context file: unknown front-matter line {line.strip()!r} (only 'protect: w1, w2')")
+        protect += [w.strip().strip("'\"") for w in value.strip().strip("[]").split(",") if w.strip()]
+    return "\n".join(lines[end + 1:]), protect

@@ -1,0 +1,102 @@
+"""Timing of the decoder's parts, and the overlapped step: the cloud step in a worker thread while the device
+streams step on the calling thread.
+
+The two only meet at the fusion, so they can run at once; on a GPU the worker issues the cloud step on its own
+CUDA stream, ordered after the chosen ids from the calling thread *before* the device step is queued (waiting
+from the worker could also wait on the device step and serialise the two). Per-part timings synchronise a GPU
+only if asked (`sync_timings`): synchronising would serialise the overlapped steps; decode_s is always exact.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+class Overlap:
+    def __init__(self, model, sync_timings: bool = False):
+        self.device = next(model.parameters()).device
+        self.sync_timings = sync_timings
+        self.timings: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._side_stream = None
+
+    # -- timing --------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.timings, self.calls = {}, {}
+
+    def _sync(self, force: bool = False) -> None:
+        if self.device.type == "cuda" and (force or self.sync_timings):
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, fn, *args):
+        """(fn(*args), seconds); with `sync_timings` synchronised so GPU work is inside the interval."""
+        self._sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self._sync()
+        return out, time.perf_counter() - t0
+
+    def add(self, key: str, seconds: float, count: bool = False) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+        if count:
+            self.calls[key] = self.calls.get(key, 0) + 1
+
+    def timed(self, key: str, fn, *args):
+        out, seconds = self.measure(fn, *args)
+        self.add(key, seconds, count=True)
+        return out
+
+    def start_decode(self) -> float:
+        self._sync(force=True)
+        return time.perf_counter()
+
+    def end_decode(self, t0: float) -> None:
+        self._sync(force=True)
+        self.timings["decode_s"] = time.perf_counter() - t0
+
+    # -- one decode step -----------------------------------------------------------------------------
+    def step(self, cloud, cloud_ids: torch.Tensor, device, dev_ids: torch.Tensor, overlap: bool):
+        """Step the cloud and/or the device streams (either may be None); returns (cloud logits, device scores)."""
+        if cloud is not None and device is not None and overlap:
+            return self._step_both(cloud, cloud_ids, device, dev_ids)
+        cl = self.timed("cloud", cloud.step, cloud_ids) if cloud is not None else None
+        dev = self.timed("device", device.step, dev_ids) if device is not None else None
+        return cl, dev
+
+    def _cloud_in_worker(self, cloud, ids: torch.Tensor):
+        # inference mode is thread-local: the worker enters it itself; the timing is recorded by the caller
+        with torch.inference_mode():
+            if self._side_stream is None:
+                return self.measure(cloud.step, ids)
+            with torch.cuda.stream(self._side_stream):
+                return self.measure(cloud.step, ids)
+
+    def _step_both(self, cloud, cloud_ids, device, dev_ids):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
+        main = None
+        if cloud_ids.device.type == "cuda":
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(cloud_ids.device)
+            main = torch.cuda.current_stream(cloud_ids.device)
+            self._side_stream.wait_stream(main)
+            cloud_ids.record_stream(self._side_stream)
+        fut = self._pool.submit(self._cloud_in_worker, cloud, cloud_ids)
+        try:
+            dev = self.timed("device", device.step, dev_ids)
+        finally:
+            cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
+        if main is not None:  # the logits were made on the side stream: order and keep them for this one
+            main.wait_stream(self._side_stream)
+            cl.record_stream(main)
+        self.add("cloud", secs, count=True)
+        return cl, dev
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
