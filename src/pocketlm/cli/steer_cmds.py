@@ -94,6 +94,10 @@ def steer_cmd(
     max_copy: MaxCopyOpt = None,
     protect: ProtectOpt = None,
     no_repeat_ngram: NoRepeatOpt = None,
+    adapters: Path = typer.Option(None, help="A user's adapter folder from a CoMiGS run (runs/.../users/<user>): "
+                                  "the device becomes that user's personal model."),
+    signal: str = typer.Option("context", help="What steers: context (log p(.|ctx,x) - log p(.|x)) | weights "
+                               "(log p_personal(.|x) - log p_base(.|x), needs --adapters, no context) | both."),
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal."""
     ctx, protected = "", _words(protect)
@@ -102,11 +106,14 @@ def steer_cmd(
             raise DataError(f"context file {context} not found")
         ctx, front = parse_front_matter(context.read_text(encoding="utf-8"))
         protected += front
-    m = get_method(method, kappa).with_guards(*build_guards(max_copy, protected, no_repeat_ngram))
-    if m.rule.needs_ctx and not ctx.strip():
-        raise PocketLMError(f"method {m.name!r} needs --context FILE")
+    m = get_method(method, kappa).with_guards(*build_guards(max_copy, protected, no_repeat_ngram)).with_signal(signal)
+    if signal != "context" and adapters is None:
+        raise PocketLMError(f"--signal {signal} steers with a personal model's adapters: give --adapters DIR")
+    if m.needs_context and not ctx.strip():
+        raise PocketLMError(f"method {m.name!r} with signal {signal!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
+                         adapters=str(adapters) if adapters else None)
     ids: list[int] = []
     shown = ""
 

@@ -56,10 +56,13 @@ class AttnLoRALinear(nn.Module):
         self.base = base
         fin, fout = linear_shape(base)
         self.attn_lora = LoRAFactors(fin, fout, rank, alpha, dtype=base.weight.dtype, device=base.weight.device)
+        self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
 
     @property
     def weight(self):  # some attention code reads proj.weight (dtype checks)
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_mask is not None:
+            return self.base(x) + self.row_mask.lora(self.attn_lora(x))
         return self.base(x) + self.attn_lora(x)

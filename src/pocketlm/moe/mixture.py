@@ -48,6 +48,7 @@ class MixtureMLP(nn.Module):
             hidden = linear_shape(getattr(mlp, FAMILIES[family][0][0]))[0]
             w = mlp.c_fc.weight if family == "gpt2" else mlp.gate_proj.weight
             self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
+        self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
         self.last_aux: torch.Tensor | None = None
         # routing statistics stay on the device as tensors (a float() per layer per forward would make every
         # GPU step wait on the host); they are read only when reported
@@ -86,6 +87,11 @@ class MixtureMLP(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_mask is not None and x.dim() == 3:  # inside moe.row_adapters.adapter_rows()
+            return self.row_mask.mix(x, self._mixture, self.base)
+        return self._mixture(x)
+
+    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         g = self.gates(flat)

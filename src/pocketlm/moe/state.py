@@ -55,7 +55,18 @@ def save_parts(model: nn.Module, directory: str | Path, shared_roles: set[str]) 
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in part.items()}, str(tmp), metadata={"format": "pt"})
         tmp.replace(path)
+    from .personal import write_adapter_config
+
+    write_adapter_config(model, d)
     return paths
+
+
+def read_part(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors part; a damaged file gives an error naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise PocketLMError(f"cannot read {path} (corrupt?): {e}") from e
 
 
 def load_parts(model: nn.Module, directory: str | Path) -> None:
@@ -66,8 +77,5 @@ def load_parts(model: nn.Module, directory: str | Path) -> None:
     state = {}
     for name in (SHARED_FILE, PRIVATE_FILE):
         if (d / name).is_file():
-            try:
-                state.update(load_file(str(d / name)))
-            except Exception as e:
-                raise PocketLMError(f"cannot read {d / name} (corrupt?): {e}") from e
+            state.update(read_part(d / name))
     load_trainable_state(model, state, strict=True)

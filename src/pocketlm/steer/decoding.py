@@ -23,7 +23,7 @@ import torch
 
 from ..errors import PocketLMError
 from .backend import eos_ids
-from .device_streams import DeviceScores, DeviceStreams
+from .device_streams import DevicePrompt, DeviceScores, DeviceStreams
 from .fusion import log_policy
 from .kvmode import KV_MODES
 from .methods import Method
@@ -195,9 +195,11 @@ class SteerEngine:
             cl = self.clock.timed("cloud", cloud.prefill, uniq, expand)
         if device is not None:
             device.reserve(max_new_tokens)
-            prompts = [(chat_ids(self.device_tok, r.query, self.system) if plan.uses_plain else None,
-                        chat_ids(self.device_tok, r.private, self.system) if plan.uses_ctx else None)
-                       for r in requests]
+            prompts = [DevicePrompt(chat_ids(self.device_tok, r.query, self.system) if plan.uses_plain else None,
+                                    chat_ids(self.device_tok, r.query if m.signal == "weights" else r.private,
+                                             self.system) if plan.uses_ctx else None,
+                                    plain_adapters=m.signal == "context")
+                       for r, m in zip(requests, plan.methods, strict=True)]
             dev = self.clock.timed("device", device.prefill, prompts)
         self.clock.timings["prefill_s"] = self.clock.timings.get("cloud", 0.0) + self.clock.timings.get("device", 0.0)
         return cl, dev

@@ -14,7 +14,18 @@ import torch
 from .kvmode import make_stream
 from .prefill import unique_prompts
 
-DevicePrompt = tuple[list[int] | None, list[int] | None]  # (plain, ctx) token ids of one request
+
+@dataclass(frozen=True)
+class DevicePrompt:
+    """One request's device prompts: the reference stream (`plain`) and the informed stream (`ctx`).
+
+    With a personal device model the reference may run the *base* model (`plain_adapters=False`): the steering
+    signal is then what the user's adapters learned (`log p_personal - log p_base`), switched per row inside one
+    batched forward (moe.row_adapters). The informed stream always runs the model as it is."""
+
+    plain: list[int] | None
+    ctx: list[int] | None
+    plain_adapters: bool = True
 
 
 @dataclass
@@ -44,19 +55,24 @@ class DeviceStreams:
         """Every request has the same kind of prompts (all with a plain prompt, all with a context, or both)."""
         if expand is not None:
             prompts = [prompts[e] for e in expand]
-        plain = [p for p, _ in prompts] if prompts and prompts[0][0] is not None else None
-        ctx = [c for _, c in prompts] if prompts and prompts[0][1] is not None else None
+        plain = [p.plain for p in prompts] if prompts and prompts[0].plain is not None else None
+        ctx = [p.ctx for p in prompts] if prompts and prompts[0].ctx is not None else None
         if (plain is not None and any(p is None for p in plain)) or (ctx is not None and any(c is None for c in ctx)):
             raise ValueError("every device row needs the same kind of prompts")
         self.has_plain, self.has_ctx = plain is not None, ctx is not None
         self.b = self._b
-        pu, pe = unique_prompts(plain) if plain else ([], [])
+        switch = plain is not None and not all(p.plain_adapters for p in prompts)  # base model on some rows
+        # a reference prompt on the base model and the same ids on the personal model are different rows
+        keyed, pe = unique_prompts([[int(p.plain_adapters), *p.plain] for p in prompts] if plain else [])
+        pu, pflags = [k[1:] for k in keyed], [bool(k[0]) for k in keyed]
         cu, ce = unique_prompts(ctx) if ctx else ([], [])
+        cflags = [True] * len(cu)
         self.n = len(pe) or len(ce)
         if self.fused or not (self.has_plain and self.has_ctx):
             self.b = self.a
-            return self._split(self.a.prefill(pu + cu, pe + [len(pu) + e for e in ce]))
-        return DeviceScores(self.a.prefill(pu, pe), self.b.prefill(cu, ce))
+            flags = pflags + cflags if switch else None
+            return self._split(self.a.prefill(pu + cu, pe + [len(pu) + e for e in ce], adapters=flags))
+        return DeviceScores(self.a.prefill(pu, pe, adapters=pflags if switch else None), self.b.prefill(cu, ce))
 
     def _split(self, logits: torch.Tensor) -> DeviceScores:
         if self.has_plain and self.has_ctx:

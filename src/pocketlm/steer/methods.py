@@ -11,6 +11,12 @@ from ..errors import PocketLMError
 from .fusion import DEFAULT_T, kappa_from_hparams
 from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, FusionRule, Gated, Plausible
 
+# delta = informed - reference, on the device:
+#   context: log p_dev(.|context, x) - log p_dev(.|x)             (CoSteer; the device model as it is)
+#   weights: log p_personal(.|x) - log p_base(.|x)                (what the user's adapters learned; no context)
+#   both:    log p_personal(.|context, x) - log p_base(.|x)
+SIGNALS = ("context", "weights", "both")
+
 KAPPA_COSTEER = kappa_from_hparams(DEFAULT_T)  # 1.7833
 KAPPA_LIGHT = kappa_from_hparams(1)            # 0.4762
 
@@ -23,6 +29,11 @@ class Method:
     rule: FusionRule
     doc: str = ""
     guards: tuple = ()
+    signal: str = "context"   # what steers: see SIGNALS
+
+    def __post_init__(self):
+        if self.signal not in SIGNALS:
+            raise PocketLMError(f"unknown steering signal {self.signal!r}; choose from {', '.join(SIGNALS)}")
 
     @property
     def private(self) -> bool:
@@ -32,6 +43,14 @@ class Method:
     @property
     def cloud_prompt(self) -> str | None:
         return self.rule.cloud_prompt
+
+    @property
+    def needs_context(self) -> bool:
+        """Does a request decoded with this method need a private context?"""
+        return self.cloud_prompt == "context" or (self.rule.needs_ctx and self.signal != "weights")
+
+    def with_signal(self, signal: str) -> Method:
+        return replace(self, signal=signal)
 
     def with_guards(self, *guards) -> Method:
         return replace(self, guards=self.guards + tuple(g for g in guards if g is not None))

@@ -70,7 +70,7 @@ class DecodePlan:
         if len(requests) != len(methods) or not requests:
             raise PocketLMError("generate() needs one method per request and at least one request")
         for r, m in zip(requests, methods, strict=True):
-            if (m.rule.needs_ctx or m.cloud_prompt == "context") and not r.private:
+            if m.needs_context and not r.private:
                 raise PocketLMError(f"method {m.name!r} needs a private context")
         self.methods = methods
         self.gens = [Generation(m.name) for m in methods]

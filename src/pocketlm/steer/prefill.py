@@ -64,6 +64,15 @@ def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]
     return uniq, expand
 
 
+def adapter_flags(adapters: list[bool] | None, n: int, device) -> torch.Tensor | None:
+    """Per-prompt adapter switches as a bool tensor (None when every row runs the model as it is)."""
+    if adapters is None:
+        return None
+    if len(adapters) != n:
+        raise ValueError(f"{len(adapters)} adapter flags for {n} prompts")
+    return torch.tensor([bool(a) for a in adapters], dtype=torch.bool, device=device)
+
+
 def check_prompts(prompts: list[list[int]]) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..models import load_model
+from ..moe.personal import load_personal
 from .backend import HFCloudBackend
 from .decoding import SteerEngine
 
@@ -12,14 +13,18 @@ from .decoding import SteerEngine
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
                 vocab: str = "shared", fuse_device_streams: bool = True, seed: int = 0,
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
-                overlap: bool = False, kv: str = "auto") -> SteerEngine:
+                overlap: bool = False, kv: str = "auto", adapters: str | None = None) -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
-    knows random geometries such as `qwen2.5-7b-geometry`). One spec for both roles loads one model."""
+    knows random geometries such as `qwen2.5-7b-geometry`). One spec for both roles loads one model.
+    `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`): the device becomes that user's
+    personal model (the base tensors stay shared with the cloud when both specs name one model)."""
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
     if local_spec == cloud_spec:
         dev_model, dev_tok = cloud_model, cloud_tok  # demo: one model plays both roles; streams stay separate
     else:
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
+    if adapters:
+        dev_model = load_personal(dev_model, adapters)
     cloud = HFCloudBackend(cloud_model, cloud_tok, kv="auto")
     return SteerEngine(cloud, cloud_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
                        slice_to_tokenizer=slice_to_tokenizer, overlap=overlap, kv=kv)

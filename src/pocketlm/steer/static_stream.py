@@ -25,7 +25,8 @@ import threading
 import torch
 
 from ..errors import PocketLMError
-from .prefill import check_prompts, prefill_one
+from ..moe.row_adapters import adapter_rows
+from .prefill import adapter_flags, check_prompts, prefill_one
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class StaticLMStream:
         self.forwards = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self.use_adapters = False  # this generation switches the model's adapters per row (eager steps)
         self.compiled = bool(compile)
         self._step_fn = self._decode
         if compile:
@@ -111,6 +113,7 @@ class StaticLMStream:
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.adapters = torch.ones(rows, dtype=torch.bool, device=self.device)  # per-row LoRA switch
         self.capacity, self.max_rows = capacity, rows
         self._graphs.clear()  # they point at the old buffers
 
@@ -119,13 +122,14 @@ class StaticLMStream:
 
     def _grow(self) -> None:
         """Out of slots mid-generation: double the capacity, keep the contents (graphs are re-captured)."""
-        old_k, old_v, old_valid, old_pos = self.k, self.v, self.valid, self.pos
+        old_k, old_v, old_valid, old_pos, old_adapters = self.k, self.v, self.valid, self.pos, self.adapters
         n, cap = self.n, self.capacity
         self._allocate(self.max_rows, 2 * cap)
         for dst, src in zip(self.k + self.v, old_k + old_v, strict=True):
             dst[:, :, :cap].copy_(src)
         self.valid[:, :cap].copy_(old_valid)
         self.pos.copy_(old_pos)
+        self.adapters.copy_(old_adapters)
         self.n = n
         log.debug("static KV cache grown to %d slots", self.capacity)
 
@@ -135,14 +139,18 @@ class StaticLMStream:
 
     # -- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
-        """Run the prompts with the model's own forward; return last-position logits `[B, V]`."""
+    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None,
+                adapters: list[bool] | None = None) -> torch.Tensor:
+        """Run the prompts with the model's own forward; return last-position logits `[B, V]`. `adapters[i]`:
+        prompt i's rows run with the model's LoRA adapters on (default) or off (= the base model)."""
         check_prompts(prompts)
         expand = list(range(len(prompts))) if expand is None else list(expand)
         width = max(len(p) for p in prompts)
         caches, logits = [], []
-        for p in prompts:
-            cache, last = prefill_one(self.model, p, self.device)
+        flags = adapter_flags(adapters, len(prompts), self.device)
+        for i, p in enumerate(prompts):
+            with adapter_rows(self.model, None if flags is None else flags[i:i + 1]):
+                cache, last = prefill_one(self.model, p, self.device)
             caches.append(cache)
             logits.append(last)
             self.forwards += 1
@@ -158,6 +166,8 @@ class StaticLMStream:
                 self.v[layer][j, :, lo:width].copy_(kv.values[0])
             self.valid[j, lo:width] = True
             self.pos[j] = len(prompts[e]) - 1
+            self.adapters[j] = True if flags is None else flags[e]
+        self.use_adapters = flags is not None
         self.n, self.length = rows, width
         return torch.cat(logits)[torch.tensor(expand, device=self.device)]
 
@@ -228,7 +238,7 @@ class StaticLMStream:
         self.pos[:n].add_(1)
         self.slot.fill_(self.length)
         graph = None
-        if self.graphs_enabled:
+        if self.graphs_enabled and not self.use_adapters:  # per-row adapters index on the host: no graphs
             try:
                 graph, out = self._graph(n)
             except RuntimeError as e:  # e.g. a custom MLP that synchronises: keep decoding, eagerly
@@ -239,7 +249,8 @@ class StaticLMStream:
             graph.replay()
             logits = out.clone()  # the graph's output buffer is overwritten by the next replay
         else:
-            logits = self._step_fn(n, self.capacity if self.compiled else self.length + 1)
+            with adapter_rows(self.model, self.adapters[:n] if self.use_adapters else None):
+                logits = self._step_fn(n, self.capacity if self.compiled else self.length + 1)
         self.length += 1
         self.forwards += 1
         return logits
@@ -253,7 +264,7 @@ class StaticLMStream:
         if n > self.max_rows:
             raise PocketLMError(f"keep() of {n} rows exceeds the {self.max_rows} allocated")
         with torch.inference_mode():
-            for t in self.k + self.v + [self.valid, self.pos]:
+            for t in self.k + self.v + [self.valid, self.pos, self.adapters]:
                 t[:n].copy_(t.index_select(0, rows))
         self.n = n
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .prefill import check_prompts, forward_step, join_left_padded, prefill_one
+from ..moe.row_adapters import adapter_rows
+from .prefill import adapter_flags, check_prompts, forward_step, join_left_padded, prefill_one
 
 
 class LMStream:
@@ -23,6 +24,7 @@ class LMStream:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.pos: torch.Tensor | None = None   # [B] position of the last real token
+        self.adapters: torch.Tensor | None = None  # [B] bool: the model's adapters on for this row (None: all)
         self.forwards = 0
 
     @property
@@ -30,13 +32,16 @@ class LMStream:
         return 0 if self.mask is None else self.mask.shape[0]
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        logits, self.cache = forward_step(self.model, ids, self.mask, pos, self.cache)
+        with adapter_rows(self.model, self.adapters):
+            logits, self.cache = forward_step(self.model, ids, self.mask, pos, self.cache)
         self.forwards += 1
         return logits
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
-        """Run the prompts; return last-position logits `[B, V]` (B = len(expand) if given).
+    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None,
+                adapters: list[bool] | None = None) -> torch.Tensor:
+        """Run the prompts; return last-position logits `[B, V]` (B = len(expand) if given). `adapters[i]`:
+        decode prompt i's rows with the model's LoRA adapters on (default) or off (= the base model).
 
         Each distinct prompt is prefilled on its own (no padding compute: a 60-token query beside a
         1,500-token private context would otherwise cost as much as a second context), then the caches
@@ -45,8 +50,10 @@ class LMStream:
         check_prompts(prompts)
         width = max(len(p) for p in prompts)
         caches, logits = [], []
-        for p in prompts:
-            cache, last = prefill_one(self.model, p, self.device)
+        flags = adapter_flags(adapters, len(prompts), self.device)
+        for i, p in enumerate(prompts):
+            with adapter_rows(self.model, None if flags is None else flags[i:i + 1]):
+                cache, last = prefill_one(self.model, p, self.device)
             caches.append(cache)
             logits.append(last)
             self.forwards += 1
@@ -54,7 +61,7 @@ class LMStream:
         for i, p in enumerate(prompts):
             mask[i, width - len(p):] = 1
         self.cache = caches[0] if len(caches) == 1 else join_left_padded(caches, width)
-        self.mask, self.pos = mask, mask.sum(-1) - 1
+        self.mask, self.pos, self.adapters = mask, mask.sum(-1) - 1, flags
         out = torch.cat(logits)
         if expand is not None:
             self.keep(torch.tensor(expand, dtype=torch.long))
@@ -79,6 +86,8 @@ class LMStream:
             return
         self.cache.reorder_cache(rows)
         self.mask, self.pos = self.mask[rows], self.pos[rows]
+        if self.adapters is not None:
+            self.adapters = self.adapters[rows]
 
     def release(self) -> None:
-        self.cache = self.mask = self.pos = None
+        self.cache = self.mask = self.pos = self.adapters = None

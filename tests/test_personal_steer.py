@@ -1,0 +1,97 @@
+"""The personal model steers: a user's CoMiGS adapters load onto the base, adapters switch per row inside one
+batched forward, and the `weights` / `both` signals decode what their formulas say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.errors import PocketLMError
+from pocketlm.models import build_tiny
+from pocketlm.moe import MoEConfig, inject_moe, save_parts, shared_base_view
+from pocketlm.moe.personal import ADAPTER_CONFIG, load_personal
+from pocketlm.moe.row_adapters import adapter_rows
+from pocketlm.steer.backend import HFCloudBackend
+from pocketlm.steer.decoding import SteerEngine, SteerRequest
+from pocketlm.steer.methods import get_method
+
+
+def _trained_user(base, tmp_path, experts=2, seed=0):
+    """A user's adapter folder with non-zero adapters (as after training)."""
+    model = inject_moe(shared_base_view(base), MoEConfig(num_experts=experts, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in n else 0.1))
+    save_parts(model, tmp_path / "users" / "de", {"generalist", "attn_lora"})
+    return model, tmp_path / "users" / "de"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_tiny("tiny-llama", seed=3)
+
+
+def test_personal_model_round_trips_and_leaves_the_base_alone(base, tmp_path):
+    model, folder = _trained_user(base[0], tmp_path)
+    assert (folder / ADAPTER_CONFIG).is_file()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = base[0](input_ids=ids).logits
+    personal = load_personal(base[0], folder)
+    with torch.no_grad():
+        assert torch.allclose(personal(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert torch.equal(base[0](input_ids=ids).logits, before)  # the base (maybe the cloud) is untouched
+    assert not any(p.requires_grad for p in personal.parameters()) and not personal.training
+
+
+def test_adapters_switch_per_row_in_one_forward(base, tmp_path):
+    _, folder = _trained_user(base[0], tmp_path)
+    personal = load_personal(base[0], folder)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [5, 6, 7, 8]])
+    with torch.no_grad():
+        with adapter_rows(personal, torch.tensor([True, False, False])):
+            mixed = personal(input_ids=ids).logits
+        on = personal(input_ids=ids).logits
+        off = base[0](input_ids=ids).logits
+    assert torch.allclose(mixed[0], on[0], atol=1e-5)
+    assert torch.allclose(mixed[1:], off[1:], atol=1e-5)
+    assert all(m.row_mask is None for m in personal.modules() if hasattr(m, "row_mask"))  # nothing left behind
+
+
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_weights_signal_at_kappa_one_decodes_the_personal_model(base, tmp_path, kv):
+    """cloud = the base: b + 1 * (log p_personal(.|x) - log p_base(.|x)) = log p_personal(.|x), so the steered
+    cloud writes exactly what the personal model writes alone (through the per-row adapter switch)."""
+    model, tok = base
+    _, folder = _trained_user(model, tmp_path)
+    personal = load_personal(model, folder)
+    eng = SteerEngine(HFCloudBackend(model, tok), tok, personal, tok, kv=kv)
+    r = SteerRequest("Write a haiku.")
+    steered, alone, cloud = eng.generate(
+        [r, r, r], [get_method("closed_form@1").with_signal("weights"),
+                    get_method("device_with_context").with_signal("weights"), get_method("cloud")],
+        max_new_tokens=10, ignore_eos=True)
+    assert steered.token_ids == alone.token_ids
+    assert steered.token_ids != cloud.token_ids  # the adapters do change the text
+    both = get_method("closed_form@1").with_signal("both")
+    with pytest.raises(PocketLMError, match="needs a private context"):
+        eng.generate([r], [both], max_new_tokens=2)
+    g = eng.generate([SteerRequest.with_context("Write a haiku.", "I sail.")], [both], max_new_tokens=4)[0]
+    assert g.steered_tokens == len(g.token_ids)
+
+
+def test_bad_adapter_folders_are_clear_errors(base, tmp_path):
+    model, _ = base
+    with pytest.raises(PocketLMError, match="not found"):
+        load_personal(model, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PocketLMError, match="not a user's adapter folder"):
+        load_personal(model, tmp_path / "empty")
+    _, folder = _trained_user(model, tmp_path)
+    other = build_tiny("tiny-qwen2", seed=1, vocab_size=300)[0]
+    with pytest.raises(PocketLMError, match=f"{ADAPTER_CONFIG}.*another base"):
+        load_personal(other, folder)
+    (folder / "private.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PocketLMError, match="private.safetensors"):
+        load_personal(model, folder)
