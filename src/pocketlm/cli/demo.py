@@ -41,6 +41,7 @@ def demo_cmd(
     device: DeviceOpt = None,
     seed: int = typer.Option(42),
     max_copy: MaxCopyOpt = 4,
+    personal_kappa: float = typer.Option(2.0, help="Steering strength of the personal-model demo (weights signal)."),
 ) -> None:
     """Train CoMiGS vs local vs FedAvg briefly on 4 users writing in 4 languages; then steer one answer."""
     t0 = time.time()
@@ -63,6 +64,8 @@ def demo_cmd(
         console.print(f"plot: {p}")
     if steer:
         _steer_demo(model, device, max_copy)
+        if "1g1s" in names:
+            _personal_demo(model, out / "1g1s", device, personal_kappa)
     console.print(f"done in {time.time() - t0:.0f}s")
 
 
@@ -83,3 +86,34 @@ def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
     leak = leak_report(steered, DEMO_CONTEXT, DEMO_PROMPT)
     console.print(f"[dim]what reached the cloud: longest span copied from the private context "
                   f"{leak['longest_copy_words']} words; context-only words {', '.join(leak['context_words']) or 'none'}[/]")
+
+
+PERSONAL_PROMPT = "Write two sentences about how to spend a free Sunday."
+
+
+def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> None:
+    """The cloud alone, then steered by the German and the Italian user's personal models (weights signal:
+    log p_personal(.|x) - log p_base(.|x), no private context at all; only token ids reach the cloud)."""
+    from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
+    from ..steer.decoding import SteerRequest
+    from ..steer.methods import get_method
+    from ..steer.session import load_engine
+
+    users = [u for u in ("de", "it") if (run / "users" / u).is_dir()]
+    if not users:
+        return
+    console.print(f"\n[bold]Personal steering[/]: each user's CoMiGS model from this run ({run}) steers the cloud "
+                  "by what its adapters learned; the cloud sees only the prompt")
+    console.print(f"[dim]prompt (goes to the cloud):[/] {PERSONAL_PROMPT}")
+    req = SteerRequest(PERSONAL_PROMPT)
+    for i, user in enumerate(users):
+        engine = load_engine(model, model, device=device, adapters=str(run / "users" / user))
+        methods = [get_method(f"closed_form@{kappa:g}").with_signal("weights")]
+        if i == 0:
+            methods.insert(0, get_method("cloud"))
+        gens = engine.generate([req] * len(methods), methods, max_new_tokens=48)
+        if i == 0:
+            console.print(f"[bold]cloud alone:[/] {gens[0].text.strip()}  [dim](language: {language_of(gens[0].text)})[/]")
+        text = gens[-1].text.strip()
+        console.print(f"[bold]steered by the {LANGUAGE_NAMES[user]} user's model:[/] {text}  "
+                      f"[dim](language: {language_of(text)})[/]")

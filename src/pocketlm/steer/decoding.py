@@ -196,8 +196,8 @@ class SteerEngine:
         if device is not None:
             device.reserve(max_new_tokens)
             prompts = [DevicePrompt(chat_ids(self.device_tok, r.query, self.system) if plan.uses_plain else None,
-                                    chat_ids(self.device_tok, r.query if m.signal == "weights" else r.private,
-                                             self.system) if plan.uses_ctx else None,
+                                    chat_ids(self.device_tok, r.query if m.signal == "weights" or not r.private
+                                             else r.private, self.system) if plan.uses_ctx else None,
                                     plain_adapters=m.signal == "context")
                        for r, m in zip(requests, plan.methods, strict=True)]
             dev = self.clock.timed("device", device.prefill, prompts)

@@ -1,0 +1,75 @@
+"""Does the personal model make the cloud write for its user? Generate for every user with every method, score.
+
+Methods (per user, one batched generation per prompt):
+  cloud           the cloud alone on the public prompt (no personalization)
+  cloud_prompted  the cloud told the user's language / topic in the prompt: NOT private, an upper reference
+  weights         steered by what the user's adapters learned: log p_personal(.|x) - log p_base(.|x)
+  context         steered by a one-sentence profile as private context (CoSteer's delta on the personal model)
+  both            log p_personal(.|profile, x) - log p_base(.|x)
+Scores: target match (the output is in the user's language / nearest to the user's topic), the cloud's own
+perplexity of the output (fluency) and distinct-2 (degeneration), per user and averaged over users.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from statistics import fmean
+
+from ..progress import progress
+from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
+from ..steer.methods import get_method
+from .personal_metrics import cloud_perplexity, distinct2
+
+log = logging.getLogger(__name__)
+
+PERSONAL_METHODS = ("cloud", "cloud_prompted", "weights", "context", "both")
+
+
+@dataclass(frozen=True)
+class UserTarget:
+    user: str
+    profile: str    # one sentence, private context for `context` / `both`
+    hint: str       # appended to the prompt for `cloud_prompted` (not private)
+
+
+def _row(method: str, prompt: str, t: UserTarget, kappa: float):
+    steer = get_method(f"closed_form@{kappa:g}")
+    if method == "cloud":
+        return SteerRequest(prompt), get_method("cloud")
+    if method == "cloud_prompted":
+        return SteerRequest(f"{prompt} {t.hint}"), get_method("cloud")
+    if method == "weights":
+        return SteerRequest(prompt), steer.with_signal("weights")
+    return SteerRequest.with_context(prompt, t.profile), steer.with_signal(method)
+
+
+def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserTarget], prompts: list[str],
+                      match: Callable[[str, str], bool], cloud_model, *, methods=PERSONAL_METHODS,
+                      kappa: float = 1.0, max_new_tokens: int = 48) -> dict:
+    """`engines(user)` gives the engine whose device is that user's personal model (same cloud for all)."""
+    doc: dict = {"users": {}, "mean": {}, "examples": []}
+    for t in progress(targets, desc="eval-personal users", total=len(targets)):
+        engine = engines(t.user)
+        per: dict[str, dict[str, list]] = {m: {"match": [], "cloud_ppl": [], "distinct2": []} for m in methods}
+        for prompt in prompts:
+            rows = [_row(m, prompt, t, kappa) for m in methods]
+            gens = engine.generate([r for r, _ in rows], [m for _, m in rows], max_new_tokens=max_new_tokens)
+            for name, (req, _), g in zip(methods, rows, gens, strict=True):
+                ppl = cloud_perplexity(cloud_model, chat_ids(engine.cloud_tok, prompt, engine.system), g.token_ids)
+                per[name]["match"].append(1.0 if match(g.text, t.user) else 0.0)
+                per[name]["distinct2"].append(distinct2(g.text))
+                if ppl is not None:
+                    per[name]["cloud_ppl"].append(ppl)
+                doc["examples"].append({"user": t.user, "method": name, "prompt": req.query, "text": g.text})
+        doc["users"][t.user] = {m: {"match": fmean(v["match"]), "distinct2": fmean(v["distinct2"]),
+                                    "cloud_ppl": fmean(v["cloud_ppl"]) if v["cloud_ppl"] else None,
+                                    "n": len(v["match"])} for m, v in per.items()}
+        log.info("%s: %s", t.user, {m: round(r["match"], 2) for m, r in doc["users"][t.user].items()})
+    for m in methods:
+        rows = [doc["users"][u][m] for u in doc["users"]]
+        ppls = [r["cloud_ppl"] for r in rows if r["cloud_ppl"] is not None]
+        doc["mean"][m] = {"match": fmean(r["match"] for r in rows), "distinct2": fmean(r["distinct2"] for r in rows),
+                          "cloud_ppl": fmean(ppls) if ppls else None, "n": sum(r["n"] for r in rows)}
+    return doc

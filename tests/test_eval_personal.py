@@ -1,0 +1,57 @@
+"""`pocketlm eval-personal`: a run's personal models steer the cloud; judge-free target match, fluency and
+degeneration scores per user; the stop-word language identifier and the unigram nearest user are tested."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pocketlm.cli import app
+from pocketlm.eval.personal_metrics import UnigramUsers, cloud_perplexity, distinct2, language_of
+from pocketlm.models import build_tiny
+
+runner = CliRunner()
+
+
+def test_language_identifier():
+    assert language_of("The cat sat on the mat and it was happy.") == "en"
+    assert language_of("Der Hund und die Katze sind nicht im Haus.") == "de"
+    assert language_of("El perro y la casa de los niños, que no está.") == "es"
+    assert language_of("Il gatto è sulla sedia e non vuole scendere per la cena.") == "it"
+    assert language_of("12345 !!!") is None
+
+
+def test_unigram_nearest_user_and_distinct2():
+    users = UnigramUsers({"sports": "goal match team score win league goal", "world": "president war election talks"})
+    assert users.nearest("the team scored a late goal to win") == "sports"
+    assert users.nearest("election talks with the president") == "world"
+    assert distinct2("a b a b a b") == 0.4 and distinct2("a b c d") == 1.0 and distinct2("one") == 0.0
+
+
+def test_cloud_perplexity_is_finite_and_none_for_empty():
+    model, tok = build_tiny("tiny-llama", seed=1)
+    ppl = cloud_perplexity(model, [5, 6, 7], [8, 9])
+    assert ppl is not None and ppl > 1 and cloud_perplexity(model, [5], []) is None
+
+
+def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
+    sets = {"model": "tiny-llama", "corpus": str(folder_corpus), "max_chars": "none", "rounds": 1, "local_steps": 1,
+            "batch_size": 2, "seq_len": 16, "router_every": 1, "router_steps": 1,
+            "out_dir": str(tmp_path / "runs" / "{strategy}")}
+    res = runner.invoke(app, ["train", "--strategy", "1g1s", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "1g1s"
+    assert (run / "users" / "alice" / "adapter_config.json").is_file()
+    out = tmp_path / "personal.json"
+    res = runner.invoke(app, ["eval-personal", "--run", str(run), "--max-new-tokens", "4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert set(doc["users"]) == {"alice", "bob", "carol"}
+    for rows in [*doc["users"].values(), doc["mean"]]:
+        assert set(rows) == {"cloud", "cloud_prompted", "weights", "context", "both"}
+        for r in rows.values():
+            assert 0 <= r["match"] <= 1 and 0 <= r["distinct2"] <= 1 and r["n"] >= 1
+    assert doc["settings"]["match"] == "nearest_unigram_user"
+    res = runner.invoke(app, ["eval-personal", "--run", str(tmp_path), "--max-new-tokens", "4"])
+    assert res.exit_code != 0 and "history.json" in str(res.exception)
