@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 import typer
@@ -71,6 +72,35 @@ def _status(r: dict) -> str | None:
 
 def _x(v) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+@bench_app.command("gpu")
+def bench_gpu_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Write every row here (and the tables to the same name .md)."),
+    size: str = typer.Option("gpu", help="gpu (the issue's sizes, < 6 min on an H200) | small (a CPU) | tiny."),
+    device: DeviceOpt = None,
+    models: str = typer.Option(None, help="Training geometries/models, comma separated (default: by size)."),
+    experts: str = typer.Option(None, help="Expert counts, comma separated (default: 2,4,8)."),
+    paths: str = typer.Option(None, help="Mixture paths (default: fused,fused_recompute,reference)."),
+    kv: str = typer.Option(None, help="Decoding KV modes (default: static,dynamic,compiled)."),
+    methods: str = typer.Option(None, help="Steering methods (default: all)."),
+    budget: float = typer.Option(None, help="Total seconds; no configuration starts after them (default by size)."),
+) -> None:
+    """The bounded benchmark suite: training (both geometries, E 2/4/8, every path and PEFT) and decoding (every
+    method, every KV mode), each configuration in its own process under its own time limit; one JSON."""
+    from ..bench.gpu_suite import markdown, run_suite
+    from ..bench.gpu_suite import size as suite_size
+
+    def split(text, cast=str):
+        return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+    s = suite_size(size, train_models=split(models), experts=split(experts, int), paths=split(paths),
+                   kv_modes=split(kv), methods=methods, budget=budget)
+    doc = run_suite(s, device)
+    write_json(doc, json_out)
+    md = markdown(doc)
+    json_out.with_suffix(".md").write_text(md)
+    console.print(md, markup=False, highlight=False, soft_wrap=True)
 
 
 def _mb(n) -> str:
