@@ -29,7 +29,7 @@ def test_suite_runs_on_cpu_without_the_packages_the_gpu_machine_lacks(tmp_path):
     out = tmp_path / "suite.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), str(SRC)]), "POCKETLM_PROGRESS": "0"}
     res = subprocess.run([sys.executable, "-c", "from pocketlm.cli import main; main()", "bench", "gpu", "--size",
-                          "tiny", "--kv", "dynamic", "--device", "cpu", "--json", str(out)],
+                          "tiny", "--kv", "dynamic,hf_static", "--device", "cpu", "--json", str(out)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
@@ -41,6 +41,8 @@ def test_suite_runs_on_cpu_without_the_packages_the_gpu_machine_lacks(tmp_path):
     dyn = doc["steer"]["dynamic"]
     assert dyn["status"] == "ok" and dyn["plain_tok_s"] > 0 and dyn["plain_vs_dynamic"] == 1.0
     assert set(dyn["methods"]) == {"closed_form", "closed_form/unbatched_device", "closed_form/overlap"}
+    hf = doc["steer"]["hf_static"]  # transformers' own generate: StaticCache vs its DynamicCache
+    assert hf["status"] == "ok" and hf["static_tok_s"] > 0 and hf["dynamic_tok_s"] > 0 and hf["plain_vs_dynamic"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| tiny-llama | 2 | fused |" in md and "| dynamic | closed_form |" in md
 

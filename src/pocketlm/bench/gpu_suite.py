@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 STEER_METHODS = "costeer,light_costeer,closed_form,plausible,adaptive,ada_costeer,device_with_context"
 TRAIN_PATHS = ("fused", "fused_recompute", "reference")
-KV_MODES = ("static", "dynamic", "compiled")
+# hf_static: transformers' own generate on its StaticCache (compiled with mode="reduce-overhead" on a GPU)
+KV_MODES = ("static", "dynamic", "hf_static", "compiled")
 
 
 @dataclass
@@ -59,7 +60,7 @@ class SuiteSize:
     methods: str = STEER_METHODS
     train_timeout: float = 40.0      # seconds per training configuration (process start included)
     steer_timeout: float = 90.0      # seconds per KV mode
-    compiled_timeout: float = 100.0  # the compiled mode compiles each step shape first
+    compiled_timeout: float = 100.0  # compiled and hf_static compile each step shape first
     budget: float = 330.0            # total; no configuration starts after it is spent
 
 
@@ -73,7 +74,7 @@ SIZES = {
                        budget=3600),
     "tiny": SuiteSize(train_models=("tiny-llama",), batch=2, seq=16, steps=1, warmup=0, cloud="tiny-qwen2",
                       local="tiny-qwen2", tokens=4, context_tokens=32, repeats=1, dtype="float32", experts=(2,),
-                      paths=("fused",), kv_modes=("static", "dynamic"), methods="closed_form",
+                      paths=("fused",), kv_modes=("static", "dynamic", "hf_static"), methods="closed_form",
                       train_timeout=120, steer_timeout=120, budget=600),
 }
 
@@ -93,18 +94,19 @@ def size(name: str, **overrides) -> SuiteSize:
 # -- the configurations, each run in a child process ------------------------------------------------------
 def jobs(s: SuiteSize, device: str | None) -> list[dict]:
     """Decoding on the static and dynamic caches first (the issue's main question), then every training row,
-    then the compiled cache (slowest to start): if the budget runs out, the least important rows are skipped."""
+    then the two compiled decoders (slowest to start): if the budget runs out, the last rows are skipped."""
     common = {"device": device, "dtype": s.dtype}
-    steer = {m: {"kind": "steer", "kv": m, "cloud": s.cloud, "local": s.local, "tokens": s.tokens,
-                 "context_tokens": s.context_tokens, "repeats": s.repeats, "methods": s.methods, **common,
-                 "timeout": s.compiled_timeout if m == "compiled" else s.steer_timeout} for m in s.kv_modes}
-    out = [steer[m] for m in s.kv_modes if m != "compiled"]
+    late = ("hf_static", "compiled")
+    steer = {m: {"kind": "hf" if m == "hf_static" else "steer", "kv": m, "cloud": s.cloud, "local": s.local,
+                 "tokens": s.tokens, "context_tokens": s.context_tokens, "repeats": s.repeats, "methods": s.methods,
+                 **common, "timeout": s.compiled_timeout if m in late else s.steer_timeout} for m in s.kv_modes}
+    out = [steer[m] for m in s.kv_modes if m not in late]
     for model in s.train_models:
         train = {"kind": "train", "model": model, "batch": s.batch, "seq": s.seq, "steps": s.steps,
                  "warmup": s.warmup, "timeout": s.train_timeout, **common}
         out += [{**train, "config": c} for c in ("single", "peft")]
         out += [{**train, "config": "mixture", "experts": e, "path": p} for e in s.experts for p in s.paths]
-    return out + [steer[m] for m in s.kv_modes if m == "compiled"]
+    return out + [steer[m] for m in late if m in steer]
 
 
 def run_child(job: dict) -> dict:
@@ -121,6 +123,12 @@ def run_child(job: dict) -> dict:
                           single=job["config"] == "single", peft=job["config"] == "peft")
         row = doc["results"][0] if mixture else doc["single_lora"] if job["config"] == "single" else doc["peft"]
         return {k: v for k, v in row.items() if not k.startswith("ratio")}
+    if job["kind"] == "hf":
+        from .hf_decode import bench_hf_generate
+
+        model, tok = load_bench_model(job["cloud"], device=job["device"], dtype=job["dtype"])
+        doc = bench_hf_generate(model, tok, tokens=job["tokens"], repeats=job["repeats"])
+        return {**doc, "plain_tok_s": doc["static_tok_s"], "kv": "hf_static"}
     from ..steer.methods import parse_methods
     from ..steer.session import load_engine
     from .geometries import GEOMETRIES
@@ -204,7 +212,7 @@ def run_suite(s: SuiteSize, device: str | None = None) -> dict:
 
 
 def _label(job: dict) -> str:
-    if job["kind"] == "steer":
+    if job["kind"] != "train":
         return f"decode {job['kv']}"
     tail = f" E={job['experts']} {job['path']}" if job["config"] == "mixture" else f" {job['config']}"
     return f"train {job['model']}{tail}"
@@ -233,7 +241,7 @@ def _train_rows(done: list) -> list[dict]:
 def _steer_rows(done: list) -> dict:
     out = {}
     for job, outcome in done:
-        if job["kind"] == "steer":
+        if job["kind"] in ("steer", "hf"):
             out[job["kv"]] = {"status": outcome["status"], "seconds": outcome["seconds"],
                               "error": outcome.get("error"), **(outcome.get("result") or {})}
     dynamic = (out.get("dynamic") or {}).get("plain_tok_s")
@@ -262,10 +270,14 @@ def markdown(doc: dict) -> str:
               "| KV cache | row | tok/s | vs plain (same cache) | plain vs dynamic cache | status |",
               "|---|---|---:|---:|---:|---|"]
     for mode, m in doc["steer"].items():
-        lines.append(f"| {mode} | plain | {_num(m.get('plain_tok_s'))} | 1.00 | {_num(m['plain_vs_dynamic'])} | "
+        plain = "plain, transformers generate on its StaticCache" if mode == "hf_static" else "plain"
+        lines.append(f"| {mode} | {plain} | {_num(m.get('plain_tok_s'))} | 1.00 | {_num(m['plain_vs_dynamic'])} | "
                      f"{_status(m)} |")
         for name, r in (m.get("methods") or {}).items():
             lines.append(f"| {mode} | {name} | {_num(r['tok_s'])} | {_num(r['ratio'], 3)} | | |")
+        if m.get("dynamic_tok_s"):
+            lines.append(f"| {mode} | transformers generate, its DynamicCache | {_num(m['dynamic_tok_s'])} | "
+                         f"{_num(m['dynamic_tok_s'] / m['plain_tok_s'], 3)} | | |")
     return "\n".join(lines) + "\n"
 
 
