@@ -158,10 +158,12 @@ def run_job(job: dict, timeout: float) -> dict:
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: it and anything it started
-            proc.communicate()
+            _kill(proc)
             return {"status": "timeout", "seconds": round(time.perf_counter() - t0, 1),
                     "error": f"no result within {timeout:.0f} s"}
+        except BaseException:  # Ctrl-C in the suite: its own session would not get the signal
+            _kill(proc)
+            raise
         seconds = round(time.perf_counter() - t0, 1)
         if proc.returncode != 0 or not out.is_file():
             tail = [line for line in (err or "").strip().splitlines() if line.strip()][-3:]
@@ -170,6 +172,15 @@ def run_job(job: dict, timeout: float) -> dict:
                     "error": " | ".join(tail) or f"exit code {proc.returncode}"}
         result = json.loads(out.read_text())
         return {"status": "oom" if result.get("oom") else "ok", "seconds": seconds, "result": result}
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End the child's own session: the child and anything it started (e.g. compile workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def hardware_info() -> dict:
