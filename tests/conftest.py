@@ -35,3 +35,29 @@ def folder_corpus(tmp_path: Path) -> Path:
         for i in range(12):
             (root / user / f"{i:02d}.txt").write_text(pattern.format(i) + "\n")
     return root
+
+
+def _graph_tensors() -> list:
+    """Every live tensor that carries an autograd graph (`grad_fn`), found by a full garbage-collector scan."""
+    import gc
+    import warnings
+
+    import torch
+
+    gc.collect()
+    found = []
+    with warnings.catch_warnings():  # isinstance() on some lazy module proxies warns of deprecations
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.grad_fn is not None:
+                    found.append(obj)
+            except Exception:  # noqa: BLE001 - some objects raise on isinstance (lazy proxies)
+                continue
+    return found
+
+
+@pytest.fixture
+def graph_tensors():
+    """A function listing the live tensors with a grad_fn: after a step, a leaked graph shows up here."""
+    return _graph_tensors

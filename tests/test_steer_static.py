@@ -138,6 +138,23 @@ def test_cuda_graph_replay_equals_eager_static():
     assert sorted(graphed._graphs) == [3, 4]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, "inductor"])
+def test_cuda_graphs_recaptured_after_the_buffers_grow(compile):
+    """The H200 failure (allocator `use_count > 0` assert): a longer second generation reallocates the buffers
+    and drops the graphs; the next capture must work, with no fallback to eager steps."""
+    torch._dynamo.reset()
+    model = family_model("tiny-qwen2").cuda()
+    stream = StaticLMStream(model, graphs=True, compile=compile)
+    first = run(stream, 3)
+    stream.reserve(64)
+    second = run(stream, 6)
+    assert stream.graphs_enabled and stream._graphs
+    eager = StaticLMStream(model, graphs=False)
+    assert_same(run(eager, 3), first, tol=1e-3)
+    assert_same(run(eager, 6), second, tol=1e-3)
+
+
 def test_failed_graph_capture_falls_back_to_eager_steps(monkeypatch, caplog):
     model = family_model("tiny-llama")
     stream = StaticLMStream(model, graphs=False)
@@ -171,10 +188,29 @@ def test_graph_step_semantics_on_cpu():
     stream = StaticLMStream(model, graphs=False, headroom=3)
     stream.compiled = True  # full-capacity attention, as in a graph
 
-    def warmup_then_replay(n, span):
-        stream._decode(n, span)
+    def warmup_then_replay(n, span):  # a compiled step is warmed up twice before capture: three runs
+        for _ in range(2):
+            stream._decode(n, span)
         return stream._decode(n, span)
 
     stream._step_fn = warmup_then_replay
     keep = torch.tensor([1, 3])
     assert_same(run(LMStream(model), 6, keep_at=2, keep_rows=keep), run(stream, 6, keep_at=2, keep_rows=keep))
+
+
+def test_no_recompile_inside_a_capture():
+    """Inside a capture a compiled step must hit its cache; a recompile raises instead of compiling there
+    (where inductor's compile-time RNG broke the H200 capture)."""
+    from pocketlm.steer.static_stream import _no_recompile
+
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch.compiler.set_stance needs torch >= 2.6")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    fn(torch.ones(3))
+    with _no_recompile(True):
+        assert torch.equal(fn(torch.ones(3)), torch.full((3,), 3.0))
+        with pytest.raises(Exception, match="(?i)recompil"):
+            fn(torch.ones(5))
+    with _no_recompile(False):
+        fn(torch.ones(7))

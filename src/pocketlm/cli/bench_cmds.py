@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 import typer
@@ -30,6 +31,7 @@ def bench_train_cmd(
     seq: SeqOpt = 128,
     steps: int = typer.Option(5, help="Timed steps (median reported)."),
     warmup: int = typer.Option(2),
+    peft: bool = typer.Option(True, help="Also time a PEFT LoraConfig LoRA (same rank, scale and modules)."),
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     json_out: JsonOutOpt = None,
@@ -37,24 +39,68 @@ def bench_train_cmd(
     """Median training-step time of single-LoRA vs mixture (fused and reference) on one model and batch."""
     base, _ = load_bench_model(model, device=device, dtype=dtype)
     doc = bench_train(base, experts=[int(e) for e in experts.split(",")], paths=tuple(paths.split(",")),
-                      batch=batch, seq=seq, steps=steps, warmup=warmup)
+                      batch=batch, seq=seq, steps=steps, warmup=warmup, peft=peft)
     doc.update(model=model, hardware=hardware(), torch=torch.__version__)
-    table = Table(title=f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on {doc['hardware']}")
-    for col in ("experts", "path", "s/step", "ratio vs single LoRA", "saved activations", "peak mem",
-                "per-user state"):
-        table.add_column(col, justify="right")
-    s = doc["single_lora"]
-    table.add_row("1", "single LoRA", f"{s['step_s']:.3f}", "1.00", _mb(s.get("saved_activation_bytes")),
-                  _mb(s.get("peak_mem_bytes")),
-                  _mb(s.get("per_user_bytes")))
-    for r in doc["results"]:
-        table.add_row(str(r["experts"]), r["path"], "OOM" if r.get("oom") else f"{r['step_s']:.3f}",
-                      f"{r['ratio']:.2f}" if r.get("ratio") else "-", _mb(r.get("saved_activation_bytes")),
-                      _mb(r.get("peak_mem_bytes")),
-                      _mb(r.get("per_user_bytes")))
-    console.print(table)
+    console.print(train_table(doc, f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on "
+                                   f"{doc['hardware']}"))
     if json_out:
         write_json(doc, json_out)
+
+
+def train_table(doc: dict, title: str) -> Table:
+    """The `bench train` table; a row that ran out of memory (or did not run) shows OOM (or its status)."""
+    table = Table(title=title)
+    for col in ("experts", "path", "s/step", "ratio vs single LoRA", "vs peft", "saved activations", "peak mem",
+                "per-user state"):
+        table.add_column(col, justify="right")
+    rows = [("1", "single LoRA", doc["single_lora"])]
+    if "peft" in doc:
+        rows.append(("1", "peft LoRA", doc["peft"]))
+    rows += [(str(r["experts"]), r["path"], r) for r in doc["results"]]
+    for experts, path, r in rows:
+        table.add_row(experts, path, _status(r) or f"{r['step_s']:.3f}", _x(r.get("ratio")), _x(r.get("ratio_vs_peft")),
+                      _mb(r.get("saved_activation_bytes")), _mb(r.get("peak_mem_bytes")), _mb(r.get("per_user_bytes")))
+    return table
+
+
+def _status(r: dict) -> str | None:
+    """OOM / timeout / error for a row without a time (None when it has one)."""
+    if r.get("step_s") is not None:
+        return None
+    return "OOM" if r.get("oom") else r.get("status") or "-"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+@bench_app.command("gpu")
+def bench_gpu_cmd(
+    json_out: Path = typer.Option(..., "--json", help="Write every row here (and the tables to the same name .md)."),
+    size: str = typer.Option("gpu", help="gpu (the issue's sizes, < 6 min on an H200) | small (a CPU) | tiny."),
+    device: DeviceOpt = None,
+    models: str = typer.Option(None, help="Training geometries/models, comma separated (default: by size)."),
+    experts: str = typer.Option(None, help="Expert counts, comma separated (default: 2,4,8)."),
+    paths: str = typer.Option(None, help="Mixture paths (default: fused,fused_recompute,reference)."),
+    kv: str = typer.Option(None, help="Decoding KV modes (default: static,dynamic,compiled)."),
+    methods: str = typer.Option(None, help="Steering methods (default: all)."),
+    budget: float = typer.Option(None, help="Total seconds; no configuration starts after them (default by size)."),
+) -> None:
+    """The bounded benchmark suite: training (both geometries, E 2/4/8, every path and PEFT) and decoding (every
+    method, every KV mode), each configuration in its own process under its own time limit; one JSON."""
+    from ..bench.gpu_suite import markdown, run_suite
+    from ..bench.gpu_suite import size as suite_size
+
+    def split(text, cast=str):
+        return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+
+    s = suite_size(size, train_models=split(models), experts=split(experts, int), paths=split(paths),
+                   kv_modes=split(kv), methods=methods, budget=budget)
+    doc = run_suite(s, device)
+    write_json(doc, json_out)
+    md = markdown(doc)
+    json_out.with_suffix(".md").write_text(md)
+    console.print(md, markup=False, highlight=False, soft_wrap=True)
 
 
 def _mb(n) -> str:

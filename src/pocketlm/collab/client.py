@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..data.packing import sample_windows
-from ..moe import moe_aux_loss, param_role
+from ..moe import collect_aux, param_role
 from ..moe.lora import named_generator
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,9 @@ class Device:
     def _loss(self, model: nn.Module, stream: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.params.values())).device
         ids = sample_windows(stream, self.batch_size, self.cfg.seq_len, self.gen).to(device)
-        out = model(input_ids=ids, labels=ids)
-        return out.loss + moe_aux_loss(model).to(out.loss.device)
+        with collect_aux(model) as aux:
+            out = model(input_ids=ids, labels=ids)
+        return out.loss + aux.total().to(out.loss.device)
 
     def _apply(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
         value = float(loss.detach())

@@ -1,15 +1,14 @@
 """CoMiGS mixture of LoRA experts: layers, injection into HF models, parameter roles, shared/private files."""
 
+from .aux import AuxLosses, collect_aux
 from .inject import (
     ROLES,
     MoEConfig,
     RoutingRecorder,
     inject_moe,
     mixture_layers,
-    moe_aux_loss,
     param_role,
     reset_adapters,
-    routing_stats,
     shared_base_view,
 )
 from .lora import AttnLoRALinear, LoRAFactors
@@ -17,7 +16,7 @@ from .mixture import MixtureMLP
 from .state import load_parts, load_trainable_state, save_parts, trainable_state
 
 __all__ = [
-    "ROLES", "AttnLoRALinear", "LoRAFactors", "MixtureMLP", "MoEConfig", "RoutingRecorder", "inject_moe",
-    "load_parts", "load_trainable_state", "mixture_layers", "moe_aux_loss", "param_role", "reset_adapters",
-    "routing_stats", "save_parts", "shared_base_view", "trainable_state",
+    "ROLES", "AttnLoRALinear", "AuxLosses", "LoRAFactors", "MixtureMLP", "MoEConfig", "RoutingRecorder",
+    "collect_aux", "inject_moe", "load_parts", "load_trainable_state", "mixture_layers", "param_role",
+    "reset_adapters", "save_parts", "shared_base_view", "trainable_state",
 ]

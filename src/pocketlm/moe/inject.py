@@ -116,32 +116,12 @@ def mixture_layers(model: nn.Module) -> list[tuple[int, MixtureMLP]]:
     return [(i, m) for i, m in enumerate(m for m in model.modules() if isinstance(m, MixtureMLP))]
 
 
-def moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    """coef * mean over layers of the load-balancing loss of the last forward (0 when disabled)."""
-    losses = [m.lb_coef * m.last_aux for _, m in mixture_layers(model) if m.last_aux is not None and m.lb_coef > 0]
-    if not losses:
-        return torch.zeros(())
-    return torch.stack(losses).mean()
-
-
-def routing_stats(model: nn.Module) -> dict[int, float]:
-    """{layer: share of gate weight on the generalist (expert 0)} — accumulated while `RoutingRecorder` is
-    active, else from the last forward."""
-    out = {}
-    for i, m in mixture_layers(model):
-        if m.record is not None and m.record[1] > 0:
-            out[i] = float(m.record[0]) / m.record[1]
-        elif m.last_share is not None:
-            out[i] = float(m.last_share)
-    return out
-
-
 class RoutingRecorder:
-    """Context manager: accumulate the generalist's gate share over all forwards inside it."""
+    """Context manager, the only source of routing statistics: accumulate the generalist's gate share over all
+    forwards inside it; `stats` = {layer: share of gate weight on expert 0} once it closes."""
 
     def __init__(self, model: nn.Module):
         self.layers = [m for _, m in mixture_layers(model)]
-        self.model = model
         self.stats: dict[int, float] = {}
 
     def __enter__(self):
@@ -150,7 +130,7 @@ class RoutingRecorder:
         return self
 
     def __exit__(self, *exc):
-        self.stats = routing_stats(self.model)
+        self.stats = {i: float(m.record[0]) / m.record[1] for i, m in enumerate(self.layers) if m.record[1] > 0}
         for m in self.layers:
             m.record = None
         return False

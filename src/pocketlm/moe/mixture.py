@@ -49,11 +49,12 @@ class MixtureMLP(nn.Module):
             w = mlp.c_fc.weight if family == "gpt2" else mlp.gate_proj.weight
             self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
         self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
-        self.last_aux: torch.Tensor | None = None
-        # routing statistics stay on the device as tensors (a float() per layer per forward would make every
-        # GPU step wait on the host); they are read only when reported
-        self.record: list | None = None  # [sum of gate-0 weight, tokens] while recording
-        self.last_share: torch.Tensor | None = None
+        # Nothing a forward computes stays on the module: the balance loss goes to a sink that exists only
+        # inside `collect_aux` ((terms list, weight)), routing statistics to one that exists only inside
+        # `RoutingRecorder` ([sum of gate-0 weight as a device tensor, tokens]: a float() per layer per forward
+        # would make every GPU step wait on the host; they are read when the recorder closes).
+        self.aux_sink: tuple[list, float] | None = None
+        self.record: list | None = None
 
     # -- gates -------------------------------------------------------------------------------------
     def gates(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,9 @@ class MixtureMLP(nn.Module):
         else:
             top, idx = logits.float().topk(self.top_k, -1)
             g = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, idx, torch.softmax(top, -1))
-        if self.lb_coef > 0:
-            self.last_aux = self._balance_loss(logits, g)
+        if self.aux_sink is not None:
+            terms, weight = self.aux_sink
+            terms.append(weight * self._balance_loss(logits, g))
         return g.to(x.dtype)
 
     def _balance_loss(self, logits: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,6 @@ class MixtureMLP(nn.Module):
             with torch.no_grad():
                 self.record[0] = self.record[0] + g[:, 0].float().sum()
                 self.record[1] += g.shape[0]
-        self.last_share = g[:, 0].detach().float().mean()
         if self.path == "reference":
             out = self._reference(flat, g)
         elif self.path == "fused" and self.router is not None and self.top_k < self.num_experts:

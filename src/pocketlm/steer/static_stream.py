@@ -19,8 +19,10 @@ Tests compare its logits with the dynamic-cache stream.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -51,6 +53,17 @@ def static_unsupported(model) -> str | None:
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "an unexpected module layout"
     return None
+
+
+@contextmanager
+def _no_recompile(compiled: bool):
+    """Inside a capture a compiled step must hit its cache: a recompile there would run compile-time kernels
+    (and RNG) in the capture. Raises instead (torch >= 2.6; older versions run as before)."""
+    if compiled and hasattr(torch.compiler, "set_stance"):
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield
+    else:
+        yield
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,13 +103,15 @@ class StaticLMStream:
         self.length = 0     # next write slot (same for every row: rows are left padded)
         self.forwards = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
         self.use_adapters = False  # this generation switches the model's adapters per row (eager steps)
         self.compiled = bool(compile)
         self._step_fn = self._decode
         if compile:
             backend = "inductor" if compile is True else compile
-            self._step_fn = torch.compile(self._decode, dynamic=False, backend=backend)
+            # no shape padding: its pass benchmarks padded matmuls on `randn` inputs at compile time, and any
+            # CUDA RNG use while another stream captures raises "Offset increment outside graph capture"
+            options = {"shape_padding": False} if backend == "inductor" else None
+            self._step_fn = torch.compile(self._decode, dynamic=False, backend=backend, options=options)
 
     @property
     def rows(self) -> int:
@@ -215,16 +230,36 @@ class StaticLMStream:
         return self._graphs[n]
 
     def _capture(self, n: int) -> None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        """Warm up, then capture, on a side stream. Two failure modes a real H200 showed are avoided by design:
+
+        - `use_count > 0` INTERNAL ASSERT in the caching allocator: a capture that joins a shared memory pool
+          after every graph holding it was destroyed (the graphs are dropped whenever the buffers are
+          reallocated, e.g. a longer generation than the last) while a block of it is still alive. Each graph
+          now owns its private pool, released with the graph.
+        - `Offset increment outside graph capture`: CUDA RNG use while a capture is active (inductor's compile
+          benchmarking on `randn` when the compiled step was first traced inside the capture, or sampling on
+          another thread). The compiled step is compiled and run to a steady state before capture (no shape
+          padding, see __init__); a recompile inside the capture fails instead of compiling there; captures
+          and first compiled calls hold one process-wide lock.
+
+        capture_begin/capture_end run in try/finally, so a failed capture ends cleanly and the caller's stream is
+        current again (`torch.cuda.graph` leaves its capture stream current when capture_begin raises)."""
+        current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(current)
         with torch.cuda.stream(side):
-            self._step_fn(n, self.capacity)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+            for _ in range(2 if self.compiled else 1):  # compiled: trace + compile, then one steady-state call
+                self._step_fn(n, self.capacity)
+        torch.cuda.synchronize(self.device)
+        gc.collect()  # no garbage collection (and its frees) in the middle of the capture
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._step_fn(n, self.capacity)
+        with torch.cuda.stream(side), _no_recompile(self.compiled):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = self._step_fn(n, self.capacity)
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
         self._graphs[n] = (graph, out)
         log.debug("captured a CUDA graph for %d rows (%d slots)", n, self.capacity)
 
@@ -242,12 +277,18 @@ class StaticLMStream:
             try:
                 graph, out = self._graph(n)
             except RuntimeError as e:  # e.g. a custom MLP that synchronises: keep decoding, eagerly
-                log.warning("CUDA graph capture failed (%s); this stream decodes without graphs", e)
+                failure = str(e).splitlines()[0] if str(e) else type(e).__name__
+                graph = None
+            if graph is None:
+                log.warning("CUDA graph capture failed (%s); this stream decodes without graphs", failure)
                 self.graphs_enabled, self._graphs = False, {}
                 torch.cuda.synchronize(self.device)
         if graph is not None:
             graph.replay()
             logits = out.clone()  # the graph's output buffer is overwritten by the next replay
+        elif self.compiled and self.device.type == "cuda":
+            with _CAPTURE_LOCK, adapter_rows(self.model, self.adapters[:n] if self.use_adapters else None):
+                logits = self._step_fn(n, self.capacity)  # a first call compiles: never while another captures
         else:
             with adapter_rows(self.model, self.adapters[:n] if self.use_adapters else None):
                 logits = self._step_fn(n, self.capacity if self.compiled else self.length + 1)
