@@ -35,3 +35,13 @@ def folder_corpus(tmp_path: Path) -> Path:
         for i in range(12):
             (root / user / f"{i:02d}.txt").write_text(pattern.format(i) + "\n")
     return root
+
+
+def tiny_workspace(corpus: Path, tmp_path: Path, **over):
+    """A collaboration workspace on tiny-llama over `corpus`: a schedule small enough for a test."""
+    from pocketlm.collab import Workspace, load_config
+
+    cfg = load_config(None, {"model": "tiny-llama", "corpus": str(corpus), "max_chars": None, "rounds": 3,
+                             "local_steps": 2, "batch_size": 2, "seq_len": 16, "router_every": 2,
+                             "router_steps": 1, "seed": 0, "out_dir": str(tmp_path / "runs" / "{strategy}"), **over})
+    return Workspace.load(cfg)

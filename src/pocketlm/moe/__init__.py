@@ -4,6 +4,7 @@ from .inject import (
     ROLES,
     MoEConfig,
     RoutingRecorder,
+    expert_index,
     inject_moe,
     mixture_layers,
     moe_aux_loss,
@@ -14,10 +15,12 @@ from .inject import (
 )
 from .lora import AttnLoRALinear, LoRAFactors
 from .mixture import MixtureMLP
+from .router import ROUTERS, OfficialGate, balance_loss
 from .state import load_parts, load_trainable_state, save_parts, trainable_state
 
 __all__ = [
-    "ROLES", "AttnLoRALinear", "LoRAFactors", "MixtureMLP", "MoEConfig", "RoutingRecorder", "inject_moe",
-    "load_parts", "load_trainable_state", "mixture_layers", "moe_aux_loss", "param_role", "reset_adapters",
-    "routing_stats", "save_parts", "shared_base_view", "trainable_state",
+    "ROLES", "ROUTERS", "AttnLoRALinear", "LoRAFactors", "MixtureMLP", "MoEConfig", "OfficialGate",
+    "RoutingRecorder", "balance_loss", "expert_index", "inject_moe", "load_parts", "load_trainable_state",
+    "mixture_layers", "moe_aux_loss", "param_role", "reset_adapters", "routing_stats", "save_parts",
+    "shared_base_view", "trainable_state",
 ]
