@@ -61,3 +61,12 @@ def _graph_tensors() -> list:
 def graph_tensors():
     """A function listing the live tensors with a grad_fn: after a step, a leaked graph shows up here."""
     return _graph_tensors
+
+def tiny_workspace(corpus: Path, tmp_path: Path, **over):
+    """A collaboration workspace on tiny-llama over `corpus`: a schedule small enough for a test."""
+    from pocketlm.collab import Workspace, load_config
+
+    cfg = load_config(None, {"model": "tiny-llama", "corpus": str(corpus), "max_chars": None, "rounds": 3,
+                             "local_steps": 2, "batch_size": 2, "seq_len": 16, "router_every": 2,
+                             "router_steps": 1, "seed": 0, "out_dir": str(tmp_path / "runs" / "{strategy}"), **over})
+    return Workspace.load(cfg)

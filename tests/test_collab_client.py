@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pocketlm.collab import Device, bind, cosine_factor, load_config
+from pocketlm.collab import Device, cosine_factor, load_config
 from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe, param_role
 
@@ -19,7 +19,6 @@ def _setup(**over):
     model, _ = build_tiny("tiny-llama", seed=0)
     model = inject_moe(model, MoEConfig(num_experts=2, top_k=2, rank=4, seed=0))
     dev = Device("u", model, cfg, bilevel=True, train_tokens=500, batch_size=cfg.batch_size)
-    bind(model, dev.params)
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (500,), generator=g)
     val = torch.randint(0, 256, (200,), generator=g)
@@ -86,7 +85,7 @@ def test_non_finite_loss_is_skipped_not_applied():
     cfg, model, dev, train, val = _setup()
     before = {n: p.detach().clone() for n, p in dev.params.items()}
     with torch.no_grad():
-        model.get_input_embeddings().weight[5] = float("nan")
+        model.get_input_embeddings().weight[5] = float("nan")  # the frozen base, shared by every binding
     train = torch.full((100,), 5)
     losses = dev.local_update(model, train, val, steps=2)
     assert all(math.isnan(x) for x in losses) and dev.skipped == 2
@@ -99,7 +98,6 @@ def test_device_state_round_trips():
     state = dev.state_dict()
     cfg2, model2, dev2, _, _ = _setup()
     dev2.load_state_dict(state)
-    bind(model2, dev2.params)
     a = dev.local_update(model, train, val, steps=2)
     b = dev2.local_update(model2, train, val, steps=2)
     assert a == b

@@ -9,16 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pocketlm.collab import Workspace, load_config, run_strategy
+from conftest import tiny_workspace
+from pocketlm.collab import load_config, run_strategy
 from pocketlm.moe import param_role
 
 
 @pytest.fixture
 def ws(folder_corpus, tmp_path):
-    cfg = load_config(None, {"model": "tiny-llama", "corpus": str(folder_corpus), "max_chars": None, "rounds": 3,
-                             "local_steps": 2, "batch_size": 2, "seq_len": 16, "router_every": 2,
-                             "router_steps": 1, "seed": 0, "out_dir": str(tmp_path / "runs" / "{strategy}")})
-    return Workspace.load(cfg)
+    return tiny_workspace(folder_corpus, tmp_path)
 
 
 def _params(sim):

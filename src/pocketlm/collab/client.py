@@ -1,8 +1,10 @@
 """A simulated device and its CoMiGS local update (bi-level: experts on train, router on validation).
 
 A device is only its adapter tensors, two AdamW optimizers, the expert LR schedule, a step counter and a batch
-RNG. Its parameters are bound into a shared model by pointer (no copy), so many devices share one frozen
-base and memory grows by adapter size only. Optimizer state persists across rounds, as in the official code.
+RNG. Many devices share one model (one frozen base); a device's adapters are installed into it by pointer (no
+copy) only inside `with device.bound(model): ...`, which puts the model's previous parameters back on exit, so no
+code outside the block can silently compute with some user's adapters. `local_update` binds by itself.
+Memory grows by adapter size per device. Optimizer state persists across rounds, as in the official code.
 
 Gradient hygiene (comigs.md §2.4): the official code lets each optimizer zero only its own parameters, so the
 first router step of a phase sees 30 training-batch gradients and the expert step after a phase sees 10
@@ -15,12 +17,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..data.packing import sample_windows
-from ..moe import collect_aux, param_role
+from ..moe import collect_aux, expert_index, param_role
 from ..moe.lora import named_generator
 
 log = logging.getLogger(__name__)
@@ -28,11 +32,24 @@ log = logging.getLogger(__name__)
 EXPERT_ROLES = ("generalist", "specialist", "attn_lora")
 
 
-def bind(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
-    """Make `model` compute with these parameter objects (pointer swap; the frozen base stays shared)."""
-    for name, p in params.items():
+@contextmanager
+def bound(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[nn.Module]:
+    """Inside the block `model` computes with these parameter objects (pointer swap, no copy; the frozen base
+    stays shared); on exit, even by an exception, the parameters it had before are back. Nests."""
+    slots = []
+    for name in params:
         mod_name, leaf = name.rsplit(".", 1)
-        model.get_submodule(mod_name)._parameters[leaf] = p
+        module = model.get_submodule(mod_name)
+        if leaf not in module._parameters:
+            raise KeyError(f"{name} is not a parameter of this model")
+        slots.append((module, leaf, module._parameters[leaf]))
+    try:
+        for (module, leaf, _), p in zip(slots, params.values(), strict=True):
+            module._parameters[leaf] = p
+        yield model
+    finally:
+        for module, leaf, previous in slots:
+            module._parameters[leaf] = previous
 
 
 def cosine_factor(step: int, total: int, min_ratio: float) -> float:
@@ -51,6 +68,7 @@ class Device:
         self.train_tokens = train_tokens
         self.params = {n: nn.Parameter(p.detach().clone()) for n, p in model.named_parameters()
                        if param_role(n) is not None}
+        self.num_experts = len({expert_index(n) for n in self.params} - {None})
         self.expert_params = [p for n, p in self.params.items() if param_role(n) in EXPERT_ROLES]
         self.router_params = [p for n, p in self.params.items() if param_role(n) == "router"]
         betas = (cfg.beta1, cfg.beta2)
@@ -65,6 +83,11 @@ class Device:
         self.gen = named_generator(cfg.seed, f"batches:{name}")
         self.skipped = 0
 
+    def bound(self, model: nn.Module):
+        """`with device.bound(model): ...`: the model computes with this device's adapters inside the block
+        only (see `bound`). `model` must have this device's expert count (`num_experts`)."""
+        return bound(model, self.params)
+
     # -- state for checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -73,12 +96,17 @@ class Device:
             "expert_opt": copy.deepcopy(self.expert_opt.state_dict()), "sched": self.sched.state_dict(),
             "router_opt": copy.deepcopy(self.router_opt.state_dict()) if self.router_opt else None,
             "step": self.step, "gen": self.gen.get_state(), "skipped": self.skipped,
+            # official_compat leaves gradients on the tensors between steps (and rounds): part of the state
+            "grads": {n: p.grad.detach().cpu().clone() for n, p in self.params.items() if p.grad is not None},
         }
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             for n, t in state["params"].items():
                 self.params[n].copy_(t)
+        grads = state.get("grads", {})
+        for n, p in self.params.items():
+            p.grad = grads[n].to(p.device, p.dtype).clone() if n in grads else None
         self.expert_opt.load_state_dict(state["expert_opt"])
         self.sched.load_state_dict(state["sched"])
         if self.router_opt is not None:
@@ -124,24 +152,26 @@ class Device:
 
     def local_update(self, model: nn.Module, train: torch.Tensor, val: torch.Tensor, steps: int) -> list[float]:
         """`steps` expert steps on train batches; after every `router_every`-th step (global count) a router
-        phase of `router_steps` steps on validation batches. Returns the expert-step losses."""
+        phase of `router_steps` steps on validation batches. Binds this device's adapters into `model` for the
+        duration (callers need not bind). Returns the expert-step losses."""
         cfg = self.cfg
-        model.train()
         losses = []
         compat = cfg.official_compat
-        try:
-            for _ in range(steps):
-                if not compat:
-                    self._set_trainable(experts=True, router=False)
-                losses.append(self._apply(self._loss(model, train), self.expert_opt, self.expert_params))
-                self.sched.step()
-                self.step += 1
-                if self.bilevel and self.router_opt is not None and self.step % cfg.router_every == 0:
+        with self.bound(model):
+            model.train()
+            try:
+                for _ in range(steps):
                     if not compat:
-                        self._set_trainable(experts=False, router=True)
-                    for _ in range(cfg.router_steps):
-                        self._apply(self._loss(model, val), self.router_opt, self.router_params)
-        finally:
-            self._set_trainable(experts=True, router=True)
-            model.eval()
+                        self._set_trainable(experts=True, router=False)
+                    losses.append(self._apply(self._loss(model, train), self.expert_opt, self.expert_params))
+                    self.sched.step()
+                    self.step += 1
+                    if self.bilevel and self.router_opt is not None and self.step % cfg.router_every == 0:
+                        if not compat:
+                            self._set_trainable(experts=False, router=True)
+                        for _ in range(cfg.router_steps):
+                            self._apply(self._loss(model, val), self.router_opt, self.router_params)
+            finally:
+                self._set_trainable(experts=True, router=True)
+                model.eval()
         return losses

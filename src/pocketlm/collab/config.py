@@ -16,10 +16,23 @@ from pathlib import Path
 
 from ..errors import PocketLMError
 from ..moe.inject import PATHS
+from ..moe.router import ROUTERS
 
 
 class ConfigError(PocketLMError):
     """A config file or override is malformed or names an unknown key."""
+
+
+EVAL_AT = ("after_aggregation", "before_aggregation")
+
+# One switch for what differs between pocketlm's clean protocol and the official code (issue 15,
+# docs/architecture.md "Protocols"): `protocol=official` sets these four keys over the config file's values;
+# explicit `--set` overrides still win.
+PROTOCOLS = {
+    "clean": {"official_compat": False, "router": "linear", "eval_at": "after_aggregation", "baseline_experts": 1},
+    "official": {"official_compat": True, "router": "official", "eval_at": "before_aggregation",
+                 "baseline_experts": 2},
+}
 
 
 @dataclass
@@ -47,8 +60,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     official_compat: bool = False        # reproduce the official gradient leakage between the two optimizers
-    lb_coef: float = 0.0                 # load-balancing loss (inert for E = k = 2)
+    lb_coef: float = 0.0                 # linear router's load-balancing loss (inert for E = k = 2)
     # mixture
+    router: str = "linear"               # linear (official GPT-2 router) | official (Llama-family noisy gate)
+    baseline_experts: int = 1            # local/fedavg/centralized: 1 LoRA, or 2 uniformly mixed (official)
     rank: int = 8
     alpha: float = 16.0
     top_k: int = 2
@@ -57,6 +72,7 @@ class TrainConfig:
     # server
     aggregation: str = "uniform"         # uniform (official) | tokens (weighted by training tokens)
     # evaluation and bookkeeping
+    eval_at: str = "after_aggregation"   # the headline number: after_aggregation | before_aggregation (official)
     eval_every: int = 1                  # rounds; the last round is always evaluated
     eval_round0: bool = True             # evaluate before training (= the pretrained model) for the curves
     eval_batch_size: int = 8
@@ -65,6 +81,9 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "float32"
     out_dir: str = "runs/{config}/{strategy}"
+    # the switch that set official_compat, router, eval_at and baseline_experts together (see PROTOCOLS);
+    # in load_config only, where it applies over the file's values and under --set overrides
+    protocol: str = "clean"
 
     def __post_init__(self):
         self.validate()
@@ -82,6 +101,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.router_steps < 0 or self.lr <= 0 or self.lr_min < 0 or self.router_lr <= 0:
             raise ConfigError("router_steps must be >= 0 and learning rates positive")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.eval_at not in EVAL_AT:
+            raise ConfigError(f"eval_at must be one of {', '.join(EVAL_AT)}, got {self.eval_at!r}")
+        if self.baseline_experts not in (1, 2):
+            raise ConfigError(f"baseline_experts must be 1 or 2, got {self.baseline_experts}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
         if any(e < 1 for e in self.experts):
             raise ConfigError(f"every user needs >= 1 expert, got experts={self.experts}")
 
@@ -167,13 +194,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         values.setdefault("_name", p.stem)
     name = values.pop("_name", "adhoc")
     if isinstance(overrides, dict):
-        values.update(overrides)
+        over = dict(overrides)
     else:
+        over = {}
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"--set expects key=value, got {item!r}")
             k, v = item.split("=", 1)
-            values[k.strip()] = v
+            over[k.strip()] = v
+    if "protocol" in over or "protocol" in values:   # an explicit switch: file < protocol < --set
+        protocol = str(over.get("protocol", values.get("protocol"))).strip()
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        values.update(PROTOCOLS[protocol])
+        values["protocol"] = protocol
+        over.pop("protocol", None)
+    values.update(over)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; known: {sorted(FIELDS)}")

@@ -2,7 +2,8 @@
 
 `compare` runs strategies on the same frozen base and the same deterministic splits, so their per-user
 perplexities are directly comparable. Its JSON is `{"scenario", "strategies": {NAME: {"per_user_ppl",
-"mean_ppl"}}}` plus the settings and each strategy's history (for the plots).
+"mean_ppl", "eval_at", "before_aggregation": {"per_user_ppl", "mean_ppl"}, "after_aggregation": {...}}}}` (the
+top-level pair is the one at `eval_at`) plus the settings and each strategy's history (for the plots).
 """
 
 from __future__ import annotations

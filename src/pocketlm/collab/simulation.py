@@ -1,17 +1,22 @@
 """In-process simulation of CoMiGS rounds: one frozen base, many devices, a server, checkpoints, resume.
 
 Devices with the same number of experts share one model view over the frozen base; a device's adapters are
-bound into it by pointer before its local update or evaluation. After every round the whole state (adapters,
-optimizer moments, schedules, batch RNGs, the global RNG, the server, the history) is written atomically, so a
-killed run resumed with `resume=True` continues bit-for-bit like the uninterrupted one.
+installed into it only inside `with device.bound(model)` (its local update, its evaluation). After every round
+the whole state (adapters, optimizer moments, schedules, batch RNGs, the CPU and CUDA RNGs, the server, the
+history) is written atomically, so a killed run resumed with `resume=True` continues bit-for-bit like the
+uninterrupted one.
+
+Scoring: on evaluated rounds every device is scored right after its local steps (`before_aggregation`, what
+the official code reports) and again after the server average (`after_aggregation`); `eval_at` picks the
+headline. Without a server average (local, 2s, centralized) the two are the same model and are scored once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,9 +25,10 @@ from torch import nn
 from ..data import UserTokens
 from ..errors import PocketLMError
 from ..eval import perplexity
+from ..jsonfile import write_json
 from ..moe import RoutingRecorder, inject_moe, save_parts, shared_base_view
 from ..progress import progress
-from .client import Device, bind
+from .client import Device
 from .server import Server, Upload
 from .strategies import Strategy, experts_per_user
 
@@ -40,6 +46,7 @@ def pooled_tokens(data: dict[str, UserTokens]) -> UserTokens:
 class Simulation:
     def __init__(self, cfg, strategy: Strategy, base: nn.Module, data: dict[str, UserTokens], out_dir: str | Path,
                  *, pad_id: int = 0):
+        strategy = strategy.for_config(cfg)
         self.cfg, self.strategy, self.base, self.data = cfg, strategy, base, data
         self.out = Path(out_dir)
         self.pad_id = pad_id
@@ -72,15 +79,9 @@ class Simulation:
         log.info("%s: %d device(s), up to %.1f MiB of adapters + optimizer state each; %.2f MiB uploaded per round",
                  self.strategy.name, len(self.devices), per_user / 2**20, self.server.upload_bytes() / 2**20)
 
-    def _bind(self, user: str) -> nn.Module:
-        d = self.devices[user]
-        model = self._model_for(len(self._experts_of(d)))
-        bind(model, d.params)
-        return model
-
-    @staticmethod
-    def _experts_of(d: Device) -> set[str]:
-        return {n.split(".experts.", 1)[1].split(".", 1)[0] for n in d.params if ".experts." in n}
+    def model_of(self, user: str) -> nn.Module:
+        """The shared model view with `user`'s expert count (compute with it inside `device.bound`)."""
+        return self._model_for(self.devices[user].num_experts)
 
     # -- one round ---------------------------------------------------------------------------------
     def _download(self, d: Device) -> None:
@@ -88,48 +89,73 @@ class Simulation:
             for n, t in self.server.download(d.params).items():
                 d.params[n].copy_(t)
 
-    def train_round(self) -> dict:
-        losses, skipped = {}, {}
+    def train_round(self, *, score: bool = False) -> dict:
+        """One round. `score`: also score each device right after its local steps (before the average)."""
+        losses, skipped, before = {}, {}, {}
         uploads = []
         for user, d in progress(self.devices.items(), desc=f"round {self.round + 1}/{self.cfg.rounds}",
                                 total=len(self.devices)):
             self._download(d)
-            model = self._bind(user)
             tokens = self.train_data[user]
-            ls = d.local_update(model, tokens.train, tokens.val, self.cfg.local_steps)
+            ls = d.local_update(self.model_of(user), tokens.train, tokens.val, self.cfg.local_steps)
             finite = [x for x in ls if math.isfinite(x)]
             losses[user] = sum(finite) / len(finite) if finite else float("nan")
             skipped[user] = d.skipped
+            if score and self.strategy.collaborative:
+                before.update(self._score(user))
             if self.strategy.collaborative:
                 uploads.append(Upload(user, {n: p.detach() for n, p in d.params.items() if self.server.shares(n)},
                                       d.train_tokens))
         report = self.server.aggregate(uploads) if uploads else None
         for d in self.devices.values():
             self._download(d)
-        return {"train_loss": losses, "rejected": report.rejected if report else {}}
+        info = {"train_loss": losses, "rejected": report.rejected if report else {}}
+        if before:
+            info["before_aggregation"] = _summary({u: before[u] for u in self.users})
+        return info
 
     # -- evaluation --------------------------------------------------------------------------------
-    def evaluate(self) -> dict:
+    def _score(self, device_user: str, routing: dict | None = None) -> dict[str, float]:
+        """Test perplexity, with `device_user`'s adapters, of every user it serves (all users for the pooled
+        device, else itself); routing shares go into `routing` when given."""
+        if not self.strategy.trains:
+            model, ctx = self.base, nullcontext()
+        else:
+            model = self.model_of(device_user)
+            ctx = self.devices[device_user].bound(model)
+        users = self.users if device_user == POOLED else [device_user]
+        out = {}
+        with ctx:
+            for user in users:
+                with RoutingRecorder(model) as rec:
+                    out[user] = perplexity(model, self.eval_data[user], block_len=self.cfg.seq_len,
+                                           batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
+                                           desc=f"eval {user}")
+                if routing is not None and rec.stats and any(m.router is not None for m in rec.layers):
+                    routing[user] = {str(k): v for k, v in rec.stats.items()}
+        return out
+
+    def evaluate(self, before: dict | None = None) -> dict:
+        """Score every user after the server average. `before`: the scores right after the local steps (the
+        same model when nothing is averaged); `eval_at` decides which pair is the headline."""
         ppl, routing = {}, {}
-        for user in self.users:
-            if not self.strategy.trains:
-                model = self.base
-            else:
-                model = self._bind(POOLED if self.strategy.pooled else user)
-            with RoutingRecorder(model) as rec:
-                ppl[user] = perplexity(model, self.eval_data[user], block_len=self.cfg.seq_len,
-                                       batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
-                                       desc=f"eval {user}")
-            if rec.stats and any(m.router is not None for m in rec.layers):
-                routing[user] = {str(k): v for k, v in rec.stats.items()}
-        return {"per_user_ppl": ppl, "mean_ppl": sum(ppl.values()) / len(ppl), "routing": routing}
+        owners = [POOLED] if self.strategy.pooled else self.users
+        for owner in owners:
+            ppl.update(self._score(owner, routing))
+        after = _summary({u: ppl[u] for u in self.users})
+        before = before or after
+        head = before if self.cfg.eval_at == "before_aggregation" else after
+        return {**head, "eval_at": self.cfg.eval_at, "after_aggregation": after, "before_aggregation": before,
+                "routing": routing}
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         state = {"round": self.round, "config": self.cfg.to_dict(), "strategy": self.strategy.name,
-                 "devices": {u: d.state_dict() for u, d in self.devices.items()},
-                 "server": self.server.global_state, "history": self.history, "rng": torch.get_rng_state()}
+                 "devices": {u: d.state_dict() for u, d in self.devices.items()},   # each with its batch RNG
+                 "server": self.server.global_state, "history": self.history, "rng": torch.get_rng_state(),
+                 # the official gate's training noise and GPT-2 dropout draw from the device's global RNG
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
         tmp = self.out / (CHECKPOINT + ".partial")
         torch.save(state, tmp)
         tmp.replace(self.out / CHECKPOINT)
@@ -150,6 +176,12 @@ class Simulation:
         self.server.global_state = state["server"]
         self.history, self.round = state["history"], state["round"]
         torch.set_rng_state(state["rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None:
+            if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda_rng):
+                raise PocketLMError(f"{path} holds the RNG state of {len(cuda_rng)} CUDA device(s), which this "
+                                    "machine lacks; resume it where it ran (or start again)")
+            torch.cuda.set_rng_state_all(cuda_rng)
         log.info("resumed %s at round %d from %s", self.strategy.name, self.round, path)
         return True
 
@@ -166,11 +198,12 @@ class Simulation:
             self.save_checkpoint()
         while self.round < self.cfg.rounds:
             t0 = time.time()
-            info = self.train_round()
+            scored = (self.round + 1) % self.cfg.eval_every == 0 or self.round + 1 == self.cfg.rounds
+            info = self.train_round(score=scored)
             self.round += 1
             entry = {"round": self.round, **info, "seconds": time.time() - t0}
-            if self.round % self.cfg.eval_every == 0 or self.round == self.cfg.rounds:
-                entry.update(self.evaluate())
+            if scored:
+                entry.update(self.evaluate(before=entry.pop("before_aggregation", None)))
                 log.info("%s round %d: mean ppl %.3f", self.strategy.name, self.round, entry["mean_ppl"])
             self.history.append(entry)
             self.save_checkpoint()
@@ -182,17 +215,25 @@ class Simulation:
     def _finish(self) -> None:
         """Write the history and each device's shared/private adapters (safetensors)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "history.json").write_text(json.dumps(
-            {"strategy": self.strategy.name, "scenario": self.cfg.scenario, "config": self.cfg.to_dict(),
-             "history": self.history}, indent=2))
-        for user in self.devices:
-            model = self._bind(user)
-            save_parts(model, self.out / "users" / user, set(self.strategy.shared_roles))
+        write_json({"strategy": self.strategy.name, "scenario": self.cfg.scenario, "config": self.cfg.to_dict(),
+                    "history": self.history}, self.out / "history.json")
+        for user, d in self.devices.items():
+            with d.bound(self.model_of(user)) as model:
+                save_parts(model, self.out / "users" / user, set(self.strategy.shared_roles))
         log.info("%s: results in %s", self.strategy.name, self.out)
 
     def final(self) -> dict:
+        """The last evaluated round: the headline pair (at `eval_at`) and both pairs by name."""
         last = next(h for h in reversed(self.history) if "per_user_ppl" in h)
-        return {"per_user_ppl": last["per_user_ppl"], "mean_ppl": last["mean_ppl"]}
+        out = {"per_user_ppl": last["per_user_ppl"], "mean_ppl": last["mean_ppl"]}
+        for key in ("before_aggregation", "after_aggregation"):
+            out[key] = last.get(key) or {"per_user_ppl": last["per_user_ppl"], "mean_ppl": last["mean_ppl"]}
+        out["eval_at"] = last.get("eval_at", "after_aggregation")
+        return out
+
+
+def _summary(ppl: dict[str, float]) -> dict:
+    return {"per_user_ppl": ppl, "mean_ppl": sum(ppl.values()) / len(ppl)}
 
 
 def _core(cfg: dict) -> dict:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .mixture import MixtureMLP
+from .router import OfficialGate
 
 
 class AuxLosses:
@@ -32,11 +33,16 @@ class AuxLosses:
 @contextmanager
 def collect_aux(model: nn.Module):
     """Give each balancing mixture layer of `model` a sink for the duration of the context (see module doc)."""
-    layers = [m for m in model.modules() if isinstance(m, MixtureMLP) and m.router is not None and m.lb_coef > 0]
+    mixtures = [m for m in model.modules() if isinstance(m, MixtureMLP) and m.router is not None]
+    official = [m for m in mixtures if isinstance(m.router, OfficialGate)]
+    linear = [m for m in mixtures if not isinstance(m.router, OfficialGate) and m.lb_coef > 0]
+    layers = linear + official
     sink = AuxLosses()
     previous = [m.aux_sink for m in layers]
-    for m in layers:
-        m.aux_sink = (sink.terms, m.lb_coef / len(layers))
+    for m in linear:
+        m.aux_sink = (sink.terms, m.lb_coef / len(linear))
+    for m in official:  # the official gate's loss is already weighted (0.01) and summed over layers
+        m.aux_sink = (sink.terms, 1.0)
     try:
         yield sink
     finally:

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import PocketLMError
 from .lora import AttnLoRALinear
 from .mixture import MixtureMLP
+from .router import ROUTERS, OfficialGate
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class MoEConfig:
     recompute: bool = False     # fused paths: rebuild per-expert activations in backward (less memory)
     attn_lora: bool = True      # one shared LoRA on every attention projection
     router: bool = True         # False: uniform mean over experts (official Local/FedAvg baselines)
+    router_type: str = "linear"  # "linear" (official GPT-2 router) | "official" (Llama-family noisy gate)
     lb_coef: float = 0.0        # load-balancing loss coefficient
     seed: int = 0
 
@@ -40,6 +42,8 @@ class MoEConfig:
             raise PocketLMError(f"invalid MoE config: {self}")
         if self.path not in PATHS:
             raise PocketLMError(f"unknown mixture path {self.path!r}; choose one of {PATHS}")
+        if self.router_type not in ROUTERS:
+            raise PocketLMError(f"unknown router {self.router_type!r}; choose one of {ROUTERS}")
 
 
 def _family(mlp: nn.Module) -> str | None:
@@ -77,7 +81,7 @@ def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
     for block, _, mlp, fam in blocks:
         block.mlp = MixtureMLP(mlp, fam, num_experts=cfg.num_experts, top_k=cfg.top_k, rank=cfg.rank,
                                alpha=cfg.alpha, path=cfg.path, router=cfg.router, lb_coef=cfg.lb_coef,
-                               recompute=cfg.recompute)
+                               recompute=cfg.recompute, router_type=cfg.router_type)
         attn = _attention(block)
         if cfg.attn_lora and attn is not None:
             for proj in ATTN_PROJ[fam]:
@@ -103,6 +107,8 @@ def reset_adapters(model: nn.Module, seed: int = 0) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LoRAFactors):
             module.reset(seed, name)
+        elif isinstance(module, MixtureMLP) and isinstance(module.router, OfficialGate):
+            module.router.reset(lambda suffix, name=name: named_generator(seed, f"{name}.router.{suffix}"))
         elif isinstance(module, MixtureMLP) and module.router is not None:
             w = torch.empty(module.router.weight.shape)
             nn.init.normal_(w, 0.0, 0.02, generator=named_generator(seed, name + ".router"))
@@ -145,7 +151,14 @@ def param_role(name: str) -> str | None:
         return "attn_lora"
     if ".router." in name:
         return "router"
-    if ".experts." in name:
-        idx = name.split(".experts.", 1)[1].split(".", 1)[0]
-        return "generalist" if idx == "0" else "specialist"
+    idx = expert_index(name)
+    if idx is not None:
+        return "generalist" if idx == 0 else "specialist"
     return None
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a parameter belongs to (`...experts.<e>...`), None for routers, attention LoRA and the base."""
+    if ".experts." not in name or ".attn_lora." in name or ".router." in name:
+        return None
+    return int(name.split(".experts.", 1)[1].split(".", 1)[0])

@@ -21,6 +21,7 @@ from torch import nn
 from . import fused
 from .fused import FAMILIES
 from .lora import LoRAFactors, linear_shape
+from .router import ROUTERS, OfficialGate
 
 
 class Expert(nn.Module):
@@ -37,7 +38,7 @@ class Expert(nn.Module):
 
 class MixtureMLP(nn.Module):
     def __init__(self, mlp: nn.Module, family: str, *, num_experts: int, top_k: int, rank: int, alpha: float,
-                 path: str, router: bool, lb_coef: float, recompute: bool = False):
+                 path: str, router: bool, lb_coef: float, recompute: bool = False, router_type: str = "linear"):
         super().__init__()
         self.base = mlp  # frozen; keeps its own activation (and GPT-2's dropout)
         self.family, self.path, self.lb_coef, self.recompute = family, path, lb_coef, recompute
@@ -47,7 +48,12 @@ class MixtureMLP(nn.Module):
         if router and num_experts > 1:
             hidden = linear_shape(getattr(mlp, FAMILIES[family][0][0]))[0]
             w = mlp.c_fc.weight if family == "gpt2" else mlp.gate_proj.weight
-            self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
+            if router_type not in ROUTERS:
+                raise ValueError(f"router_type must be one of {ROUTERS}, got {router_type!r}")
+            if router_type == "official":   # Llama-family gate with its own (summed) balance loss: router.py
+                self.router = OfficialGate(hidden, num_experts, top_k, dtype=w.dtype, device=w.device)
+            else:
+                self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
         self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
         # Nothing a forward computes stays on the module: the balance loss goes to a sink that exists only
         # inside `collect_aux` ((terms list, weight)), routing statistics to one that exists only inside
@@ -62,6 +68,12 @@ class MixtureMLP(nn.Module):
         n, e = x.shape[0], self.num_experts
         if self.router is None:
             return x.new_full((n, e), 1.0 / e)
+        if isinstance(self.router, OfficialGate):
+            g, aux = self.router(x)  # aux: 0.01 * balance loss in training, None in eval
+            if self.aux_sink is not None and aux is not None:
+                terms, weight = self.aux_sink
+                terms.append(weight * aux)
+            return g.to(x.dtype)
         logits = self.router(x)
         if self.top_k == 1:
             probs = torch.softmax(logits.float(), -1)
