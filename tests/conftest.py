@@ -35,3 +35,22 @@ def folder_corpus(tmp_path: Path) -> Path:
         for i in range(12):
             (root / user / f"{i:02d}.txt").write_text(pattern.format(i) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def serve_pair():
+    """(cloud, device, tokenizer) tiny models for the step-server tests (tests/serve_fixtures.py)."""
+    from serve_fixtures import tiny_pair
+
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def serve_server(serve_pair):
+    """The cloud model of `serve_pair` served on a free loopback port for one test module."""
+    from serve_fixtures import start_server
+
+    cloud, _, tok = serve_pair
+    srv = start_server(cloud, tok)
+    yield srv
+    srv.stop()

@@ -70,9 +70,12 @@ def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
 @app.command("steer")
 def steer_cmd(
     prompt: str = typer.Argument(..., help="The public prompt (the only text the cloud sees)."),
-    cloud: str = typer.Option(..., help="Cloud model spec (sees the prompt only)."),
+    cloud: str = typer.Option(..., help="Cloud model spec, or a step server http://HOST:PORT (sees the prompt's "
+                              "token ids only)."),
     local: str = typer.Option(..., help="On-device model spec (sees the private context)."),
     context: Path = typer.Option(None, help="Private context file (stays on the device)."),
+    cloud_token: str = typer.Option(None, envvar="POCKETLM_CLOUD_TOKEN", help="Bearer token of the step server."),
+    cloud_format: str = typer.Option("f32", help="Step-server score format: f32 (exact) | f16 | bf16."),
     method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappa: float = typer.Option(None, help="Steering strength for closed_form/plausible/adaptive/ada_costeer."),
     max_new_tokens: MaxNewTokensOpt = 128,
@@ -82,10 +85,10 @@ def steer_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     vocab: VocabOpt = "shared",
-    overlap: OverlapOpt = False,
+    overlap: OverlapOpt = None,
     kv: KvOpt = "auto",
 ) -> None:
-    """Generate one steered answer, streaming tokens to the terminal."""
+    """Generate one steered answer, streaming tokens to the terminal (overlap defaults to on for a step server)."""
     ctx = ""
     if context is not None:
         if not context.is_file():
@@ -95,7 +98,8 @@ def steer_cmd(
     if m.device_ctx and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
+                         cloud_token=cloud_token, cloud_format=cloud_format)
     ids: list[int] = []
     shown = ""
 
