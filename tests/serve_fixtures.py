@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import torch
+
 from pocketlm.models import build_tiny
 from pocketlm.serve import Limits, ServerThread, create_app
 from pocketlm.steer.remote import ws_url
@@ -20,10 +22,27 @@ IGNORE_UVICORN_WARNINGS = "ignore::DeprecationWarning:websockets.*"
 LIMITS = Limits(slots=80, max_rows=8, max_prompt_tokens=512, max_new_tokens=48, ttl_s=30.0)
 
 
+def lively(model, seed: int, std: float = 0.2):
+    """Re-draw the weight matrices with a larger spread: default tiny models repeat one token forever, which
+    would make a token-for-token comparison weak."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 def tiny_pair():
-    """(cloud model, device model, shared tokenizer): the same pair the in-process comparisons use."""
-    cloud, tok = build_tiny("tiny-llama", seed=11, hidden=64, layers=2)
-    device, _ = build_tiny("tiny-llama", seed=12, hidden=64, layers=2)
+    """(cloud, device, shared tokenizer). The cloud's EOS row copies (x1.05) the row of a token it often picks,
+    so some greedy rows end early and others run to the limit (the tests assert that mix)."""
+    cloud, tok = build_tiny("tiny-llama", seed=11)
+    device, _ = build_tiny("tiny-llama", seed=12)
+    lively(cloud, 1)
+    lively(device, 2)
+    head = cloud.get_output_embeddings().weight
+    with torch.no_grad():
+        head[258] = head[207] * 1.05
     return cloud, device, tok
 
 

@@ -52,7 +52,7 @@ class ServerThread:
         self.sock.close()
 
     def __enter__(self) -> ServerThread:
-        return self.start()
+        return self if self.server.started else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
