@@ -130,6 +130,8 @@ class SteerServer:
             await _try(ws.close(_status_close(e.status), str(e)[:120]))
         except WebSocketDisconnect:
             pass
+        except Exception as e:  # the peer vanished mid-send, or a bug: end this connection only
+            log.info("session %d: connection ended (%s)", session.id, type(e).__name__)
         finally:
             self.connections -= 1
             await asyncio.wrap_future(self.batcher.submit(Work("close", session, {})))
