@@ -85,6 +85,23 @@ def test_1000_sessions_leave_memory_flat(serve_server):
     assert rss_bytes() - before < 32 * 2**20
 
 
+def test_dropped_connection_frees_the_rows_of_its_latest_session(serve_server):
+    """A second session opened on the same connection (after a close) is freed when the client vanishes."""
+    rows0 = metric(serve_server.url, "pocketlm_kv_rows")
+    ws, _ = raw_connect(serve_server.url)
+    for expand in ([0], [0, 0, 0]):
+        ws.send(op("open", prompts=[[256, 1, 2]], expand=expand, max_new_tokens=4))
+        ws.recv(timeout=10)
+        if len(expand) == 1:
+            ws.send(op("close"))
+    assert metric(serve_server.url, "pocketlm_kv_rows") == rows0 + 3
+    ws.close()
+    deadline = time.monotonic() + 10
+    while metric(serve_server.url, "pocketlm_kv_rows") != rows0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(serve_server.url, "pocketlm_kv_rows") == rows0
+
+
 def test_silent_client_is_freed_by_the_ttl(serve_pair):
     cloud, _, tok = serve_pair
     srv = start_server(cloud, tok, limits=Limits(slots=8, max_rows=4, max_prompt_tokens=64, max_new_tokens=8,

@@ -147,9 +147,8 @@ class SteerServer:
             if msg.get("text") is None:
                 raise ServeError(400, "binary uplink messages are not accepted (send JSON text)")
             op, args = self.parse(msg["text"])
+            # after a close the same Session (one per connection) may open again for the next generation
             result = await asyncio.wrap_future(self.batcher.submit(Work(op, session, args)))
-            if op == "close":
-                session = Session(next(self._ids))  # a new generation may open on the same connection
             if result is not None:
                 await ws.send_bytes(result)
 

@@ -6,6 +6,7 @@ device's tokenizer is used for both sides (the server's must match), and overlap
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ..models import load_model
@@ -26,7 +27,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         from .remote import RemoteCloud  # the `serve` extra
 
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
-        cloud = RemoteCloud(cloud_spec, cloud_token, tokenizer=dev_tok, format=cloud_format)
+        token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
+        cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
         return SteerEngine(cloud, dev_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
                            slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv)
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
