@@ -6,6 +6,7 @@ a leak."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 
@@ -14,7 +15,8 @@ import pytest
 from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
 from pocketlm.steer.methods import parse_methods
 from pocketlm.steer.remote import RemoteCloud
-from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN
+from pocketlm.steer.wire import op
+from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, raw_connect
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)
 SECRET = "My passphrase is XYZZY-PLUGH-7731; I live at 42 Quiet Lane, Tromso, and my doctor is Dr. Vell."
@@ -158,3 +160,27 @@ def test_audit_catches_the_non_private_method(proxy, serve_pair):
     (stream,) = proxy.up
     _, leak = audit(bytes(stream), tok)  # no text match: the context goes up as ids, hence the id n-gram check
     assert leak
+
+
+def test_server_logs_hold_no_payload(serve_server, serve_pair, caplog):
+    """Debug logging on, a session plus refused messages carrying markers: no marker reaches a server log line."""
+    _, _, tok = serve_pair
+    caplog.set_level(logging.DEBUG)
+    marked = [256, 201, 202, 203, 204, 205, 206, 207]
+    ws, _ = raw_connect(serve_server.url)
+    ws.send(op("open", prompts=[marked], max_new_tokens=4))
+    ws.recv(timeout=10)
+    ws.send(op("step", ids=[259]))
+    ws.recv(timeout=10)
+    ws.send("XYZZY not json")
+    ws.recv(timeout=10)
+    ws.close()
+    ws, _ = raw_connect(serve_server.url)
+    ws.send(op("open", prompts=[[1, 99999]]))
+    ws.recv(timeout=10)
+    ws.close()
+    # the test's own client logs its frames at debug level; the server's loggers are pocketlm.*, uvicorn.*
+    text = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith("websockets.client"))
+    assert "refused" in text  # the refusals were logged, by code
+    for marker in ("XYZZY", "201, 202", "201,202", "259", "99999"):
+        assert marker not in text

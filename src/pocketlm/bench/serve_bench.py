@@ -119,7 +119,8 @@ async def _concurrent(url: str, prompt: list[int], tokens: int, n: int) -> float
 
 
 def bench_serve(cloud: str, local: str, *, tokens: int = 32, context_tokens: int = 256, sessions: int = 64,
-                repeats: int = 3, device: str | None = None, dtype: str = "float32") -> dict:
+                repeats: int = 3, device: str | None = None, dtype: str = "float32", threads: int | None = None) -> dict:
+    """`threads`: torch threads of the server process (the caller sets its own)."""
     geometry = cloud in GEOMETRIES or local in GEOMETRIES
     cloud_model, cloud_tok = load_bench_model(cloud, device=device, dtype=dtype, seed=0)
     dev_model, dev_tok = load_bench_model(local, device=device, dtype=dtype, seed=1)
@@ -129,9 +130,9 @@ def bench_serve(cloud: str, local: str, *, tokens: int = 32, context_tokens: int
     req = SteerRequest(QUERY, f"{ctx}\n\n{QUERY}")
     prompt_len = len(chat_ids(dev_tok, req.private))
     doc: dict = {"cloud": cloud, "local": local, "tokens": tokens, "context_tokens": context_tokens,
-                 "sessions": sessions, "repeats": repeats, "dtype": dtype, "rows": {}}
+                 "sessions": sessions, "repeats": repeats, "dtype": dtype, "server_threads": threads, "rows": {}}
     with ServerProcess(cloud, device=device, dtype=dtype, slots=max(sessions, 8), max_new_tokens=tokens + 8,
-                       max_prompt_tokens=prompt_len + 64) as server:
+                       max_prompt_tokens=prompt_len + 64, threads=threads) as server:
         remotes = {fmt: RemoteCloud(server.url, tokenizer=dev_tok, format=fmt, timeout=600) for fmt in ("f32", "f16")}
         engines = {fmt: SteerEngine(r, dev_tok, dev_model, dev_tok, slice_to_tokenizer=not geometry)
                    for fmt, r in remotes.items()}

@@ -88,7 +88,7 @@ def bench_serve_cmd(
 
     _threads(threads)
     doc = bench_serve(cloud, local, tokens=tokens, context_tokens=context_tokens, sessions=sessions,
-                      repeats=repeats, device=device, dtype=dtype)
+                      repeats=repeats, device=device, dtype=dtype, threads=threads)
     doc.update(hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"step server on loopback, cloud {cloud} / device {local}, {tokens} tokens, {dtype} "
                         f"on {doc['hardware']}")
