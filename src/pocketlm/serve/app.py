@@ -206,8 +206,10 @@ def create_app(model, tokenizer, *, name: str = "model", token: str | None = Non
 
     @app.get("/health")
     def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": name, "sessions": len(server.batcher.sessions),
-                             "free_rows": server.batcher.pool.free})
+        ok = server.batcher.alive
+        return JSONResponse({"status": "ok" if ok else "model thread down", "model": name,
+                             "sessions": len(server.batcher.sessions), "free_rows": server.batcher.pool.free},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:

@@ -102,6 +102,10 @@ class Batcher:
         self._thread.join(timeout=30)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def live_rows(self) -> int:
         return self.pool.slots - self.pool.free
 
@@ -201,6 +205,7 @@ class Batcher:
                 w.future.set_exception(ServeError(500, f"server error in step: {type(e).__name__}"))
             return
         self.stats.record_step(len(slots))
+        logits = logits.cpu()  # one device-to-host copy for the whole batch (then sliced per session)
         start = 0
         for w in ok:
             n = len(w.session.slots)
