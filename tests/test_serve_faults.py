@@ -14,6 +14,7 @@ import torch
 from websockets.sync.server import serve
 
 from pocketlm.serve import ServerThread, create_app
+from pocketlm.serve.batcher import Batcher, ServeError, Session, Work
 from pocketlm.steer.decoding import SteerEngine, SteerRequest
 from pocketlm.steer.methods import get_method
 from pocketlm.steer.remote import RemoteCloud
@@ -99,3 +100,13 @@ def test_no_server_and_not_a_step_server():
         with pytest.raises(RemoteCloudError, match="protocol"):
             RemoteCloud(f"http://127.0.0.1:{server.socket.getsockname()[1]}")
         server.shutdown()
+
+
+def test_work_after_the_model_thread_stops_is_refused_not_left_waiting(serve_pair):
+    cloud, _, _ = serve_pair
+    b = Batcher(cloud, slots=2, max_prompt_tokens=8, max_new_tokens=4)
+    b.stop()
+    fut = b.submit(Work("open", Session(1), {"prompts": [[1]], "expand": None, "format": "f32", "max_new_tokens": 2}))
+    with pytest.raises(ServeError, match="shutting down"):
+        fut.result(timeout=5)
+    assert not b.alive

@@ -90,11 +90,16 @@ class Batcher:
         self.stats = Stats()
         self.sessions: dict[int, Session] = {}
         self._q: queue.Queue[Work | None] = queue.Queue()
+        self._stopped, self._lock = False, threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pocketlm-serve-model", daemon=True)
         self._thread.start()
 
     def submit(self, work: Work) -> Future:
-        self._q.put(work)
+        with self._lock:  # no item may slip in after the shutdown drain
+            if self._stopped:
+                work.future.set_exception(ServeError(503, "server shutting down"))
+            else:
+                self._q.put(work)
         return work.future
 
     def stop(self) -> None:
@@ -118,16 +123,29 @@ class Batcher:
                     items.append(self._q.get_nowait())
                 except queue.Empty:
                     break
+            if None in items:  # shutdown: refuse whatever is still waiting, now and later
+                with self._lock:
+                    self._stopped = True
+                    self._refuse([w for w in items if w is not None])
+                return
             steps = []
             for w in items:
-                if w is None:
-                    return
                 if w.kind == "step":
                     steps.append(w)
                     continue
                 self._settle(w, getattr(self, f"_{w.kind}"), w)
             if steps:
                 self._settle_steps(steps)
+
+    def _refuse(self, items: list[Work]) -> None:
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        for w in items:
+            if w is not None:
+                w.future.set_exception(ServeError(503, "server shutting down"))
 
     @staticmethod
     def _settle(w: Work, fn, *args) -> None:
