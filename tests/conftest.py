@@ -70,3 +70,21 @@ def tiny_workspace(corpus: Path, tmp_path: Path, **over):
                              "local_steps": 2, "batch_size": 2, "seq_len": 16, "router_every": 2,
                              "router_steps": 1, "seed": 0, "out_dir": str(tmp_path / "runs" / "{strategy}"), **over})
     return Workspace.load(cfg)
+
+@pytest.fixture(scope="module")
+def serve_pair():
+    """(cloud, device, tokenizer) tiny models for the step-server tests (tests/serve_fixtures.py)."""
+    from serve_fixtures import tiny_pair
+
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def serve_server(serve_pair):
+    """The cloud model of `serve_pair` served on a free loopback port for one test module."""
+    from serve_fixtures import start_server
+
+    cloud, _, tok = serve_pair
+    srv = start_server(cloud, tok)
+    yield srv
+    srv.stop()

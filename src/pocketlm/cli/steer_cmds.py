@@ -77,9 +77,12 @@ def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
 @app.command("steer")
 def steer_cmd(
     prompt: str = typer.Argument(..., help="The public prompt (the only text the cloud sees)."),
-    cloud: str = typer.Option(..., help="Cloud model spec (sees the prompt only)."),
+    cloud: str = typer.Option(..., help="Cloud model spec, or a step server http://HOST:PORT (sees the prompt's "
+                              "token ids only)."),
     local: str = typer.Option(..., help="On-device model spec (sees the private context)."),
     context: Path = typer.Option(None, help="Private context file (stays on the device)."),
+    cloud_token: str = typer.Option(None, envvar="POCKETLM_CLOUD_TOKEN", help="Bearer token of the step server."),
+    cloud_format: str = typer.Option("f32", help="Step-server score format: f32 (exact) | f16 | bf16."),
     method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappa: float = typer.Option(None, help="Steering strength for closed_form/plausible/adaptive/ada_costeer."),
     max_new_tokens: MaxNewTokensOpt = 128,
@@ -89,7 +92,7 @@ def steer_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     vocab: VocabOpt = "shared",
-    overlap: OverlapOpt = False,
+    overlap: OverlapOpt = None,
     kv: KvOpt = "auto",
     max_copy: MaxCopyOpt = None,
     protect: ProtectOpt = None,
@@ -99,7 +102,7 @@ def steer_cmd(
     signal: str = typer.Option("context", help="What steers: context (log p(.|ctx,x) - log p(.|x)) | weights "
                                "(log p_personal(.|x) - log p_base(.|x), needs --adapters, no context) | both."),
 ) -> None:
-    """Generate one steered answer, streaming tokens to the terminal."""
+    """Generate one steered answer, streaming tokens to the terminal (overlap defaults to on for a step server)."""
     ctx, protected = "", _words(protect)
     if context is not None:
         if not context.is_file():
@@ -113,7 +116,8 @@ def steer_cmd(
         raise PocketLMError(f"method {m.name!r} with signal {signal!r} needs --context FILE")
     sampling = _sampling(temperature, top_p, seed)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
-                         adapters=str(adapters) if adapters else None)
+                         adapters=str(adapters) if adapters else None, cloud_token=cloud_token,
+                         cloud_format=cloud_format)
     ids: list[int] = []
     shown = ""
 

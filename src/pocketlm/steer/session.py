@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from ..models import load_model
 from ..moe.personal import load_personal
 from .backend import HFCloudBackend
 from .decoding import SteerEngine
+from .wire import is_remote
 
 
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
                 vocab: str = "shared", fuse_device_streams: bool = True, seed: int = 0,
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
-                overlap: bool = False, kv: str = "auto", adapters: str | None = None) -> SteerEngine:
+                overlap: bool | None = None, kv: str = "auto", cloud_token: str | None = None,
+                cloud_format: str = "f32", adapters: str | None = None) -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
-    knows random geometries such as `qwen2.5-7b-geometry`). One spec for both roles loads one model.
+    knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
+    One spec for both roles loads one model.
+    `overlap=None`: on for a step server (the device steps while the cloud's answer is on the wire), else off.
     `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`): the device becomes that user's
     personal model (the base tensors stay shared with the cloud when both specs name one model)."""
+    if is_remote(cloud_spec):
+        from .remote import RemoteCloud  # the `serve` extra
+
+        dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
+        if adapters:
+            dev_model = load_personal(dev_model, adapters)
+        token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
+        cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
+        return SteerEngine(cloud, dev_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
+                           slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv)
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
     if local_spec == cloud_spec:
         dev_model, dev_tok = cloud_model, cloud_tok  # demo: one model plays both roles; streams stay separate
@@ -27,4 +42,4 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         dev_model = load_personal(dev_model, adapters)
     cloud = HFCloudBackend(cloud_model, cloud_tok, kv="auto")
     return SteerEngine(cloud, cloud_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
-                       slice_to_tokenizer=slice_to_tokenizer, overlap=overlap, kv=kv)
+                       slice_to_tokenizer=slice_to_tokenizer, overlap=bool(overlap), kv=kv)

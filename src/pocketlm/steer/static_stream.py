@@ -71,6 +71,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int):
+    """One token's query / key / value `[n, heads, 1, D]` from the normed hidden state `x` `[n, 1, H]`, rotated."""
+    n, d = x.shape[0], attn.head_dim
+    q = attn.q_proj(x).view(n, 1, -1, d)
+    k = attn.k_proj(x).view(n, 1, kv_heads, d)
+    v = attn.v_proj(x).view(n, 1, kv_heads, d)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def attend(attn, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The attention block's output `[n, 1, H]` for one query token over `keys`/`values` `[n, kv_heads, S, D]`
+    under an additive `bias` `[n, 1, 1, S]` (-inf on empty slots)."""
+    n, heads, _, d = q.shape
+    kv_heads = keys.shape[1]
+    # grouped-query attention without repeating the cache: query head j*g + r reads kv head j
+    qg = q.reshape(n, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * attn.scaling + bias
+    probs = scores.softmax(-1).to(values.dtype)
+    return attn.o_proj(torch.matmul(probs, values).reshape(n, 1, heads * d))
+
+
 class StaticLMStream:
     """Same interface as `LMStream` (prefill / step / keep / release), fixed-shape decode steps.
 
@@ -196,28 +220,12 @@ class StaticLMStream:
         self.valid[:n].index_fill_(1, self.slot, True)
         bias = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=self.device)
         bias = bias.masked_fill(~self.valid[:n, None, None, :span], float("-inf"))
-        heads = self.kv_heads * self.groups
         for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(n, 1, heads, self.head_dim)
-            k = attn.k_proj(x).view(n, 1, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(n, 1, self.kv_heads, self.head_dim)
-            if hasattr(attn, "q_norm"):  # Qwen3
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [n, heads, 1, D]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, self.kv_heads)
             keys, values = self.k[i][:n], self.v[i][:n]
             keys.index_copy_(2, self.slot, k)
             values.index_copy_(2, self.slot, v)
-            keys, values = keys[:, :, :span], values[:, :, :span]
-            # grouped-query attention without repeating the cache: query head j*g + r reads kv head j
-            qg = q.reshape(n, self.kv_heads, self.groups, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * attn.scaling + bias
-            probs = scores.softmax(-1).to(values.dtype)
-            o = torch.matmul(probs, values).reshape(n, 1, heads * self.head_dim)
-            h = h + attn.o_proj(o)
+            h = h + attend(layer.self_attn, q, keys[:, :, :span], values[:, :, :span], bias)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h))[:, -1, :].float()
 

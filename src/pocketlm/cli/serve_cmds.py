@@ -1,0 +1,102 @@
+"""`pocketlm serve`: the cloud step server; `pocketlm bench serve`: its latency, throughput and bytes."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import typer
+from rich.table import Table
+
+from ..bench.geometries import GEOMETRIES, load_bench_model
+from ..errors import PocketLMError
+from ..jsonfile import write_json
+from .app import app, bench_app, console
+from .bench_cmds import hardware
+from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt
+from .steer_cmds import _threads
+
+log = logging.getLogger(__name__)
+
+
+def _serve_imports():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError as e:
+        raise PocketLMError(f"the step server needs the serve extra: pip install 'pocketlm[serve]' ({e.name})") from None
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option(..., help=f"Cloud model spec (or a random geometry: {', '.join(GEOMETRIES)})."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8400),
+    token: str = typer.Option(None, envvar="POCKETLM_SERVE_TOKEN",
+                              help="Bearer token clients must send (default: none; set one off loopback)."),
+    slots: int = typer.Option(64, help="KV rows for all sessions together (a session uses one per row)."),
+    max_rows: int = typer.Option(16, help="Rows in one session."),
+    max_prompt_tokens: int = typer.Option(2048, help="Longest prompt accepted."),
+    max_new_tokens: int = typer.Option(512, help="Steps per session."),
+    ttl: float = typer.Option(300.0, help="Seconds a silent connection is kept (then its rows are freed)."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve next-token scores over WebSocket: sessions of token ids in, one score frame per step out."""
+    _serve_imports()
+    import uvicorn
+
+    from ..serve import Limits, create_app
+    from ..serve.runner import uvicorn_config
+
+    for name, v in (("slots", slots), ("max-rows", max_rows), ("max-prompt-tokens", max_prompt_tokens),
+                    ("max-new-tokens", max_new_tokens)):
+        if v < 1:
+            raise PocketLMError(f"--{name} must be >= 1, got {v}")
+    if ttl <= 0:
+        raise PocketLMError(f"--ttl must be > 0, got {ttl}")
+    _threads(threads)
+    limits = Limits(slots=slots, max_rows=min(max_rows, slots), max_prompt_tokens=max_prompt_tokens,
+                    max_new_tokens=max_new_tokens, ttl_s=ttl)
+    m, tok = load_bench_model(model, device=device, dtype=dtype)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
+    asgi = create_app(m, tok, name=model, token=token, limits=limits)
+    log.info("step server for %s on http://%s:%d (WebSocket %s)", model, host, port, "/v1/steer")
+    uvicorn.Server(uvicorn_config(asgi, limits, host, port, log_level="info")).run()
+
+
+@bench_app.command("serve")
+def bench_serve_cmd(
+    cloud: str = typer.Option("smollm2-135m-geometry", help="Cloud spec or geometry (served on loopback)."),
+    local: str = typer.Option("smollm2-135m-geometry", help="Device spec or geometry."),
+    tokens: int = typer.Option(32, help="New tokens per generation (EOS ignored)."),
+    context_tokens: int = typer.Option(256, help="Private-context length in tokens."),
+    sessions: int = typer.Option(64, help="Concurrent sessions for the aggregate-throughput figure."),
+    repeats: int = typer.Option(3, help="Timed rounds (median)."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    json_out: JsonOutOpt = None,
+) -> None:
+    """Plain and steered decoding through a loopback step server vs in process; 1 vs N concurrent sessions;
+    bytes per token up and down."""
+    _serve_imports()
+    from ..bench.serve_bench import bench_serve
+
+    _threads(threads)
+    doc = bench_serve(cloud, local, tokens=tokens, context_tokens=context_tokens, sessions=sessions,
+                      repeats=repeats, device=device, dtype=dtype, threads=threads)
+    doc.update(hardware=hardware(), torch=torch.__version__)
+    table = Table(title=f"step server on loopback, cloud {cloud} / device {local}, {tokens} tokens, {dtype} "
+                        f"on {doc['hardware']}")
+    for col in ("configuration", "tok/s", "ratio", "bytes up/token", "bytes down/token"):
+        table.add_column(col, justify="right")
+    for name, r in doc["rows"].items():
+        table.add_row(name, f"{r['tok_s']:.2f}", f"{r['ratio']:.3f}" if r.get("ratio") else "-",
+                      str(r.get("up_per_token", "-")), str(r.get("down_per_token", "-")))
+    console.print(table)
+    if json_out:
+        write_json(doc, json_out)

@@ -1,0 +1,232 @@
+"""Sessions and continuous batching: one model thread owns the KV pool and runs every pending step at once.
+
+Connection handlers (asyncio) never touch the model: they put a `Work` item on a queue and await its future.
+The model thread takes everything queued, applies opens / keeps / closes in arrival order, then runs ONE
+forward for all pending steps of all sessions. While that forward runs, new steps queue up and form the next
+batch, so the batch size follows the load without a fixed wait window (continuous batching).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PocketLMError
+from ..steer.prefill import unique_prompts
+from ..steer.wire import encode_scores
+from .pool import KVPool
+
+log = logging.getLogger(__name__)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 10**9)  # rows per batched step, for the /metrics histogram
+
+
+class ServeError(PocketLMError):
+    """A refused request: `status` is the HTTP-like code sent to the client (4000 + status closes the socket)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Session:
+    id: int
+    slots: list[int] = field(default_factory=list)
+    fmt: str = "f32"
+    budget: int = 0  # steps left
+
+
+@dataclass
+class Work:
+    kind: str          # open | step | keep | close
+    session: Session
+    args: dict
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics (written by the model thread, read by the event loop: plain ints/floats)."""
+
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    tokens: int = 0             # rows stepped
+    prefill_tokens: int = 0
+    forwards: int = 0
+    batch_rows_sum: int = 0
+    batch_hist: dict[int, int] = field(default_factory=dict)  # batch-size bucket upper bound -> count
+    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, rows) of recent steps
+
+    def record_step(self, rows: int) -> None:
+        self.tokens += rows
+        self.forwards += 1
+        self.batch_rows_sum += rows
+        bucket = next(b for b in BATCH_BUCKETS if rows <= b)
+        self.batch_hist[bucket] = self.batch_hist.get(bucket, 0) + 1
+        self.recent.append((time.monotonic(), rows))
+
+    def tokens_per_s(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, r) for t, r in list(self.recent) if now - t <= window]
+        if not recent:
+            return 0.0
+        return sum(r for _, r in recent) / max(now - recent[0][0], 1e-3)
+
+
+class Batcher:
+    """Owns the model and the pool; `submit(work)` from any thread, results arrive on `work.future`."""
+
+    def __init__(self, model, *, slots: int, max_prompt_tokens: int, max_new_tokens: int):
+        self.pool = KVPool(model, slots, max_prompt_tokens + max_new_tokens + 1)
+        self.vocab_rows = model.get_output_embeddings().weight.shape[0]
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        self.stats = Stats()
+        self.sessions: dict[int, Session] = {}
+        self._q: queue.Queue[Work | None] = queue.Queue()
+        self._stopped, self._lock = False, threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="pocketlm-serve-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Work) -> Future:
+        with self._lock:  # no item may slip in after the shutdown drain
+            if self._stopped:
+                work.future.set_exception(ServeError(503, "server shutting down"))
+            else:
+                self._q.put(work)
+        return work.future
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def live_rows(self) -> int:
+        return self.pool.slots - self.pool.free
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            items = [self._q.get()]
+            while True:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:  # shutdown: refuse whatever is still waiting, now and later
+                with self._lock:
+                    self._stopped = True
+                    self._refuse([w for w in items if w is not None])
+                return
+            steps = []
+            for w in items:
+                if w.kind == "step":
+                    steps.append(w)
+                    continue
+                self._settle(w, getattr(self, f"_{w.kind}"), w)
+            if steps:
+                self._settle_steps(steps)
+
+    def _refuse(self, items: list[Work]) -> None:
+        while True:
+            try:
+                items.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        for w in items:
+            if w is not None:
+                w.future.set_exception(ServeError(503, "server shutting down"))
+
+    @staticmethod
+    def _settle(w: Work, fn, *args) -> None:
+        try:
+            w.future.set_result(fn(*args))
+        except ServeError as e:
+            w.future.set_exception(e)
+        except Exception as e:  # a bug or an OOM must reach the client as a 500, never kill the model thread
+            log.exception("%s failed (session %d)", w.kind, w.session.id)
+            w.future.set_exception(ServeError(500, f"server error in {w.kind}: {type(e).__name__}"))
+
+    def _open(self, w: Work) -> bytes:
+        s, a = w.session, w.args
+        if s.slots:
+            raise ServeError(409, "a session is already open on this connection (close it first)")
+        prompts, expand = a["prompts"], a["expand"]
+        uniq, back = unique_prompts(prompts)
+        rows = [back[e] for e in expand] if expand is not None else back
+        if len(rows) > self.pool.free:
+            raise ServeError(503, f"server full: {len(rows)} rows asked, {self.pool.free} free")
+        s.slots, s.fmt, s.budget = self.pool.take(len(rows)), a["format"], a["max_new_tokens"]
+        self.sessions[s.id] = s
+        self.stats.sessions_opened += 1
+        logits = []
+        for j, p in enumerate(uniq):
+            mine = [slot for slot, r in zip(s.slots, rows, strict=True) if r == j]
+            logits.append(self.pool.prefill(p, mine) if mine else None)
+            self.stats.prefill_tokens += len(p)
+        return encode_scores(torch.cat([logits[r] for r in rows]), s.fmt)
+
+    def _keep(self, w: Work) -> None:
+        s, rows = w.session, w.args["rows"]
+        if not s.slots:
+            raise ServeError(404, "keep: no open session on this connection")
+        if rows and rows[-1] >= len(s.slots):
+            raise ServeError(400, f"keep: row {rows[-1]} out of range for {len(s.slots)} live rows")
+        kept = set(rows)
+        self.pool.give_back([slot for r, slot in enumerate(s.slots) if r not in kept])
+        s.slots = [s.slots[r] for r in rows]
+
+    def _close(self, w: Work) -> None:
+        s = w.session
+        if s.slots:
+            self.pool.give_back(s.slots)
+            s.slots = []
+            self.stats.sessions_closed += 1
+        self.sessions.pop(s.id, None)
+
+    def _check_step(self, w: Work) -> None:
+        s, ids = w.session, w.args["ids"]
+        if not s.slots:
+            raise ServeError(404, "step: no open session on this connection")
+        if len(ids) != len(s.slots):
+            raise ServeError(400, f"step: {len(ids)} ids for {len(s.slots)} live rows")
+        if s.budget <= 0:
+            raise ServeError(400, "step: the session's max_new_tokens is used up")
+
+    def _settle_steps(self, steps: list[Work]) -> None:
+        ok = []
+        for w in steps:
+            try:
+                self._check_step(w)
+                ok.append(w)
+            except ServeError as e:
+                w.future.set_exception(e)
+        if not ok:
+            return
+        slots = [slot for w in ok for slot in w.session.slots]
+        ids = [i for w in ok for i in w.args["ids"]]
+        try:
+            logits = self.pool.step(slots, ids)
+        except Exception as e:
+            log.exception("batched step of %d rows failed", len(slots))
+            for w in ok:
+                w.future.set_exception(ServeError(500, f"server error in step: {type(e).__name__}"))
+            return
+        self.stats.record_step(len(slots))
+        logits = logits.cpu()  # one device-to-host copy for the whole batch (then sliced per session)
+        start = 0
+        for w in ok:
+            n = len(w.session.slots)
+            w.session.budget -= 1
+            self._settle(w, encode_scores, logits[start:start + n], w.session.fmt)
+            start += n

@@ -1,0 +1,144 @@
+"""`RemoteCloud`: the cloud model behind a `pocketlm serve` step server, as one more `CloudBackend`.
+
+Only session operations and token ids go up (the public query's chat-prompt ids once, then one chosen id per
+row per step); next-token scores come down as one binary frame per step (`wire.py`). Every wait is bounded:
+connecting by `connect_timeout`, each answer by `timeout`; a lost connection or a server restart raises
+`RemoteCloudError` at once (the socket closes), a silent server after `timeout` s. It never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.sync.client import connect
+
+from . import wire
+from .wire import RemoteCloudError
+
+log = logging.getLogger(__name__)
+
+
+def ws_url(url: str) -> str:
+    url = url.rstrip("/")
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(http):
+            url = ws + url[len(http):]
+    return url + wire.PATH
+
+
+class RemoteCloud:
+    """`CloudBackend` over a WebSocket to a step server. `tokenizer`: the device's, checked against the server's
+    (CoSteer feeds the same ids to both models, so a different tokenizer is refused). `format`: the score
+    payload, `f32` (exact) or `f16`/`bf16` (half the downlink). `bytes_up`/`bytes_down` count message payloads."""
+
+    def __init__(self, url: str, token: str | None = None, *, tokenizer=None, format: str = "f32",
+                 connect_timeout: float = 10.0, timeout: float = 60.0):
+        if format not in wire.FORMATS:
+            raise RemoteCloudError(f"unknown score format {format!r}; choose from {', '.join(wire.FORMATS)}")
+        self.url, self.format, self.timeout = url, format, timeout
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        try:
+            self._ws = connect(ws_url(url), additional_headers=headers, compression=None, proxy=None, legacy=True,
+                               open_timeout=connect_timeout, close_timeout=2, max_size=2**31,
+                               ping_interval=20, ping_timeout=20, user_agent_header=None)
+        except InvalidStatus as e:
+            code = e.response.status_code
+            why = "missing or wrong token (--cloud-token)" if code == 401 else "refused"
+            raise RemoteCloudError(f"step server at {url} answered HTTP {code}: {why}") from None
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            raise RemoteCloudError(f"cannot reach a step server at {url}: {type(e).__name__}: {e}") from None
+        self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
+        hello = self._recv()
+        if not isinstance(hello, str):
+            raise RemoteCloudError(f"{url} is not a pocketlm step server (no hello)")
+        info = json.loads(hello)
+        if info.get("server") != "pocketlm" or info.get("protocol") != wire.PROTOCOL:
+            raise RemoteCloudError(f"{url} speaks protocol {info.get('protocol')!r}, this client {wire.PROTOCOL}")
+        self.info = info
+        self.model_name = info["model"]
+        self.vocab_rows = int(info["vocab_rows"])
+        self.eos_token_ids = {int(i) for i in info["eos_token_ids"]}
+        self.limits = info["limits"]
+        self._new_tokens = self.limits["max_new_tokens"]
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        if wire.tokenizer_fingerprint(tokenizer) != self.info["tokenizer"]:
+            raise RemoteCloudError(f"the step server's tokenizer ({self.model_name}) differs from the device "
+                                   "model's; steering needs one shared tokenizer (the same ids on both sides)")
+
+    # -- transport ----------------------------------------------------------------------------
+    def _send(self, text: str) -> None:
+        try:
+            self._ws.send(text)
+        except ConnectionClosed as e:
+            raise self._lost(e) from None
+        self.bytes_up += len(text.encode())
+        self.messages_up += 1
+
+    def _recv(self) -> str | bytes:
+        try:
+            msg = self._ws.recv(timeout=self.timeout)
+        except TimeoutError:
+            raise RemoteCloudError(f"step server at {self.url} did not answer within {self.timeout:g} s") from None
+        except ConnectionClosed as e:
+            raise self._lost(e) from None
+        self.bytes_down += len(msg)
+        self.messages_down += 1
+        return msg
+
+    def _lost(self, e: ConnectionClosed) -> RemoteCloudError:
+        rcvd = e.rcvd
+        why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
+        return RemoteCloudError(f"connection to the step server at {self.url} lost ({why})")
+
+    def _scores(self) -> torch.Tensor:
+        msg = self._recv()
+        if isinstance(msg, str):
+            err = json.loads(msg)
+            raise RemoteCloudError(f"step server refused: {err.get('error')} ({err.get('code')})")
+        return wire.decode_scores(msg)
+
+    # -- CloudBackend -------------------------------------------------------------------------
+    def cache_modes(self) -> tuple[str, ...]:
+        """The server decodes with its own KV pool: one mode, nothing for the device to choose."""
+        return ("server",)
+
+    def set_cache_mode(self, mode: str) -> None:
+        if mode not in ("auto", "server"):
+            raise RemoteCloudError(f"a step server decodes with its own KV pool; kv={mode!r} applies to the device only")
+
+    def reserve(self, new_tokens: int) -> None:
+        if new_tokens > self.limits["max_new_tokens"]:
+            raise RemoteCloudError(f"{new_tokens} new tokens asked; the step server allows "
+                                   f"{self.limits['max_new_tokens']} per session")
+        self._new_tokens = new_tokens
+
+    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
+        self._send(wire.op("open", prompts=[list(map(int, p)) for p in prompts], expand=expand,
+                           max_new_tokens=self._new_tokens, format=self.format))
+        return self._scores()
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self._send(wire.op("step", ids=token_ids.view(-1).tolist()))
+        return self._scores()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self._send(wire.op("keep", rows=rows.view(-1).tolist()))
+
+    def release(self) -> None:
+        self._send(wire.op("close"))
+
+    def close(self) -> None:
+        """Close the connection (the server frees anything still open)."""
+        self._ws.close()
+
+    def __enter__(self) -> RemoteCloud:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
