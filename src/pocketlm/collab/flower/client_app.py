@@ -6,6 +6,8 @@ specialists, router and optimizer state stay in the node's private state directo
 
 from __future__ import annotations
 
+import json
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -31,7 +33,22 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[privacy_mod])
+def audit_mod(msg: Message, context: Context, call_next) -> Message:
+    """With node config `audit-log=FILE`: append the name of every record and key this device sends."""
+    out = call_next(msg, context)
+    path = context.node_config.get("audit-log")
+    if path and not out.has_error():
+        c = out.content
+        line = {"type": msg.metadata.message_type, "round": msg.metadata.group_id,
+                "arrays": {k: list(r.keys()) for k, r in c.array_records.items()},
+                "configs": {k: list(r.keys()) for k, r in c.config_records.items()},
+                "metrics": {k: list(r.keys()) for k, r in c.metric_records.items()}}
+        with open(str(path), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    return out
+
+
+app = ClientApp(mods=[audit_mod, privacy_mod])      # audit_mod is outermost: it sees what really leaves
 
 
 def _node(context: Context) -> task.Node:
