@@ -140,6 +140,8 @@ def run_cmd(
     fd, path = tempfile.mkstemp(prefix="pocketlm-fl-", suffix=".toml")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    # a SuperLink that `flwr run` starts itself (the simulation engine) must not `uv sync` pocketlm's dependencies
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     argv = ["flwr", "run", str(app_dir)] + ([connection] if connection else []) + ["--run-config", path]
     if stream:
         argv.append("--stream")
