@@ -3,6 +3,7 @@ real ServerApp / strategy / ClientApp code runs in one process in a few seconds.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -11,6 +12,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 _ids = itertools.count(1)
+
+
+def as_server_process(run_id: int = 1) -> None:
+    """The identity a ServerApp process has (Flower's `Message(...)` reads it)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
 
 
 class LocalGrid(Grid):
@@ -22,7 +28,7 @@ class LocalGrid(Grid):
                          for nid, cfg in nodes.items()}
         self.sent = sent if sent is not None else []     # every reply a node produced, for inspection
         self.down: set[int] = set()
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0   # what a ServerApp process has
+        as_server_process(run_id)
 
     def set_run(self, run):
         pass
@@ -50,7 +56,7 @@ class LocalGrid(Grid):
             nid = msg.metadata.dst_node_id
             if nid in self.down:
                 continue
-            reply = self.app(msg, self.contexts[nid])
+            reply = self.app(copy.deepcopy(msg), self.contexts[nid])   # each node gets its own copy, as on a wire
             self.sent.append(reply)
             replies.append(reply)
         return replies

@@ -34,7 +34,7 @@ def run_flower(rc: dict, nodes: int = 3, sent=None) -> LocalGrid:
     return grid
 
 
-def test_flower_rounds_equal_the_in_process_simulation_with_heterogeneous_devices(folder_corpus, tmp_path):
+def test_flower_rounds_equal_the_simulation_send_nothing_private_and_a_new_run_resumes(folder_corpus, tmp_path):
     sim = simulate(folder_corpus, tmp_path, experts=[3, 2, 1])
     sent = []
     run_flower(run_config(folder_corpus, tmp_path, experts="3,2,1"), sent=sent)
@@ -48,15 +48,11 @@ def test_flower_rounds_equal_the_in_process_simulation_with_heterogeneous_device
         text = repr([dict(r) for r in reply.content.config_records.values()]) + \
             repr([dict(r) for r in reply.content.metric_records.values()])
         assert "router" not in text and ".experts.1" not in text
-
-
-def test_a_new_run_resumes_every_device_from_its_private_state(folder_corpus, tmp_path):
-    rc = run_config(folder_corpus, tmp_path, rounds=1)
-    run_flower(rc)
+    # a new run: every device continues from its private state (its counters go on), it does not start over
     first = node_params(tmp_path / "state" / "alice")
-    run_flower(rc)     # a new run: the devices continue (step counters go on), they do not start over
+    run_flower(run_config(folder_corpus, tmp_path, experts="3,2,1", rounds=1))
     meta = json.loads((tmp_path / "state" / "alice" / "device.json").read_text())
-    assert meta["step"] == 2 * TRAIN["local_steps"] and meta["rounds_done"] == 2
+    assert meta["step"] == 3 * TRAIN["local_steps"] and meta["rounds_done"] == 3
     second = node_params(tmp_path / "state" / "alice")
     assert any(not torch.equal(first[n], second[n]) for n in first if param_role(n) == "specialist")
 

@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     if LEGACY_IN in msg.content.array_records:      # SecAgg+: names travel in the config, arrays in order
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        names = list(fitins.config["names"])
+        names = str(fitins.config["names"]).split("\n")
         arrays = parameters_to_ndarrays(fitins.parameters)
         upload, metrics = node.train({n: torch.from_numpy(a) for n, a in zip(names, arrays, strict=True)},
                                      order=names, server_round=int(fitins.config.get("server-round", 0)))

@@ -38,7 +38,7 @@ class _OneRound(LegacyStrategy):
         self.replies = 0
 
     def configure_fit(self, server_round, parameters, client_manager):
-        config = {"names": self.names, "server-round": self.round}
+        config = {"names": "\n".join(self.names), "server-round": self.round}   # legacy configs hold scalars only
         return [(GridClientProxy(n, self.grid, self.run_id), FitIns(parameters, dict(config))) for n in self.node_ids]
 
     def aggregate_fit(self, server_round, results, failures):
