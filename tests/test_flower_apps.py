@@ -64,3 +64,36 @@ def test_unknown_or_bad_run_config_is_a_clear_error(folder_corpus, tmp_path):
         settings({**run_config(folder_corpus, tmp_path), "dp": "maybe"})
     with pytest.raises(ConfigError, match="partition-id 7 out of range"):
         client_app.task.node_setup(run_config(folder_corpus, tmp_path), {"partition-id": 7})
+
+
+def test_the_flower_app_declares_every_training_key():
+    """`flwr run --run-config` only overrides declared keys, and `pocketlm fl run` sends them all."""
+    import dataclasses
+    import tomllib
+
+    from conftest import REPO
+    from pocketlm.collab.config import TrainConfig
+
+    app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"]["clientapp"] == "pocketlm.collab.flower.client_app:app"
+    declared = set(app["config"])
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= declared
+    cfg, fl = settings(app["config"])          # the defaults are valid as they stand
+    assert cfg.model == "tiny-llama" and fl.dp == "off"
+
+
+def test_fl_wrappers_print_the_exact_flower_commands(tmp_path):
+    from typer.testing import CliRunner
+
+    from pocketlm.cli import app
+
+    r = CliRunner().invoke(app, ["fl", "supernode", "--state", str(tmp_path / "s"), "--user", str(tmp_path / "u"),
+                                 "--superlink", "10.0.0.1:9091", "--experts", "3", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "flower-supernode --superlink 10.0.0.1:9091" in r.output and "experts=3" in r.output
+    assert f'user-dir="{tmp_path / "u"}"' in r.output and "--insecure" in r.output
+    r = CliRunner().invoke(app, ["fl", "superlink", "--tls", "certs", "--auth", "--dry-run"])
+    assert "--ssl-certfile certs/server.pem" in r.output and "--enable-supernode-auth" in r.output
+    assert "--insecure" not in r.output
+    r = CliRunner().invoke(app, ["fl", "supernode", "--state", "s", "--dry-run"])
+    assert r.exit_code != 0
