@@ -34,10 +34,17 @@ class _Strategy(CoMiGSFedAvg):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.eval_ppl: dict[int, dict[str, float]] = {}
+        self.train_seconds: dict[int, float] = {}
 
     def configure_train(self, server_round, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.server.global_state = arrays.to_torch_state_dict()
+        self.train_seconds[server_round] = -time.time()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies):
+        out = super().aggregate_train(server_round, replies)
+        self.train_seconds[server_round] += time.time()      # sampling + send + local updates + replies + average
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies):
         replies = list(replies)
@@ -79,7 +86,8 @@ def main(grid: Grid, context: Context) -> None:
         arrays = result.arrays if result.arrays is not None else to_record(server.global_state)
         for r in range(1, cfg.rounds + 1):
             history["rounds"][r] = {"train": metrics_of(result.train_metrics_clientapp.get(r)),
-                                    "rejected": inner.rejected.get(r, {}), "ppl": inner.eval_ppl.get(r, {})}
+                                    "rejected": inner.rejected.get(r, {}), "ppl": inner.eval_ppl.get(r, {}),
+                                    "train_seconds": inner.train_seconds.get(r)}
     history["seconds"] = time.time() - t0
     write_results(Path(cfg.out_dir.replace("{strategy}", cfg.strategy)), arrays, history, cfg, fl)
 
