@@ -118,7 +118,7 @@ def bench_fl_overhead_cmd(
     console.print(f"simulation s/round {doc['simulation_s_per_round']}; flower s/round {doc['flower_s_per_round']}; "
                   f"ratio {doc['ratio_all_rounds']:.2f} (after round 1: {doc['ratio_after_round_1']})")
     if json_out:
-        write_json(json_out, doc)
+        write_json(doc, json_out)
 
 
 @bench_app.command("fl-scale")
@@ -144,4 +144,4 @@ def bench_fl_scale_cmd(
         console.print(rows[-1])
     doc = {"hardware": hardware(), "train": train, "rows": rows}
     if json_out:
-        write_json(json_out, doc)
+        write_json(doc, json_out)
