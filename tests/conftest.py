@@ -21,10 +21,8 @@ def shared() -> Path:
     return shared_dir()
 
 
-@pytest.fixture
-def folder_corpus(tmp_path: Path) -> Path:
+def write_folder_corpus(root: Path) -> Path:
     """Three users, each with several short .txt documents in a distinct style."""
-    root = tmp_path / "corpus"
     styles = {
         "alice": "the cat sat on the mat and purred quietly {}",
         "bob": "ERROR 404: page {} was not found on the server",
@@ -88,3 +86,7 @@ def serve_server(serve_pair):
     srv = start_server(cloud, tok)
     yield srv
     srv.stop()
+
+@pytest.fixture
+def folder_corpus(tmp_path: Path) -> Path:
+    return write_folder_corpus(tmp_path / "corpus")

@@ -1,6 +1,15 @@
 """`pocketlm` command line. Each module registers its commands on the shared typer app."""
 
-from . import bench_cmds, data_cmds, demo, personal_cmds, serve_cmds, steer_cmds, train_cmds  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration side effects)
+    bench_cmds,
+    data_cmds,
+    demo,
+    fl_cmds,
+    personal_cmds,
+    serve_cmds,
+    steer_cmds,
+    train_cmds,
+)
 from .app import app, main
 
 __all__ = ["app", "main"]

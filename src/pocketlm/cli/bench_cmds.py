@@ -142,3 +142,52 @@ def bench_memory_cmd(
 
 def _gb(n) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+@bench_app.command("fl-overhead")
+def bench_fl_overhead_cmd(
+    config: str = typer.Option(None, "--config", "-c", help="pocketlm TOML (users = the corpus's users)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a training key (repeatable)."),
+    users: int = typer.Option(4, help="Users in the corpus (one SuperNode each)."),
+    out: str = typer.Option("runs/bench-fl", help="Working folder."),
+    json_out: JsonOutOpt = None,
+) -> None:
+    """Seconds per round: in-process simulation vs a Flower deployment on loopback (same work)."""
+    from pathlib import Path
+
+    from ..bench.fl_bench import overhead
+    from ..collab import load_config
+
+    cfg = load_config(config, overrides)
+    doc = overhead(cfg.to_dict(), users, Path(out) / "overhead")
+    doc["hardware"] = hardware()
+    console.print(f"simulation s/round {doc['simulation_s_per_round']}; flower s/round {doc['flower_s_per_round']}; "
+                  f"ratio {doc['ratio_all_rounds']:.2f} (after round 1: {doc['ratio_after_round_1']})")
+    if json_out:
+        write_json(doc, json_out)
+
+
+@bench_app.command("fl-scale")
+def bench_fl_scale_cmd(
+    users: str = typer.Option("10,1000", help="Numbers of virtual users (comma-separated)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a training key (repeatable)."),
+    out: str = typer.Option("runs/bench-fl", help="Working folder."),
+    json_out: JsonOutOpt = None,
+) -> None:
+    """Flower's simulation engine: time per round and peak memory vs the number of virtual users (tiny model)."""
+    from pathlib import Path
+
+    from ..bench.fl_bench import scale
+
+    train = {"model": "tiny-llama", "rounds": 1, "local_steps": 1, "batch_size": 1, "seq_len": 16,
+             "router_every": 1, "router_steps": 1}
+    for o in overrides:
+        k, v = o.split("=", 1)
+        train[k.strip()] = v
+    rows = []
+    for n in [int(u) for u in users.split(",")]:
+        rows.append(scale(train, n, Path(out) / f"scale-{n}"))
+        console.print(rows[-1])
+    doc = {"hardware": hardware(), "train": train, "rows": rows}
+    if json_out:
+        write_json(doc, json_out)

@@ -1,0 +1,148 @@
+"""`pocketlm fl superlink | supernode | run`: thin wrappers over Flower's own commands (README "Running across
+devices"). Each prints the exact Flower command it runs (`--dry-run` prints it and stops)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+
+import typer
+
+from ..collab.config import TrainConfig, load_config
+from ..errors import PocketLMError
+from .app import app, console
+
+fl_app = typer.Typer(help="CoMiGS across devices with Flower: a SuperLink, one SuperNode per device, runs.",
+                     no_args_is_help=True)
+app.add_typer(fl_app, name="fl")
+
+TLS_HELP = "Folder with ca.crt, server.pem and server.key (see README); without it the server runs --insecure."
+
+
+def _exec(argv: list[str], dry_run: bool) -> None:
+    console.print(" ".join(shlex.quote(a) for a in argv), soft_wrap=True, markup=False, highlight=False)
+    if dry_run:
+        return
+    if shutil.which(argv[0]) is None:
+        raise PocketLMError(f"{argv[0]} not found: install Flower with  pip install 'pocketlm[flower]'")
+    os.execvp(argv[0], argv)
+
+
+@fl_app.command("superlink")
+def superlink_cmd(
+    host: str = typer.Option("0.0.0.0", help="Address to listen on (all of Flower's APIs share one port)."),
+    port: int = typer.Option(9091, help="Port of the SuperLink (Fleet, Control and Runtime APIs)."),
+    tls: Path = typer.Option(None, help=TLS_HELP),
+    database: Path = typer.Option(None, help="SQLite file that keeps runs across SuperLink restarts."),
+    auth: bool = typer.Option(False, help="Only accept SuperNodes whose public key was registered "
+                                          "(flwr supernode register ...)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
+) -> None:
+    """Start the server-side Flower SuperLink."""
+    # the apps run in this environment: no per-run `uv sync` of pocketlm's dependencies (torch) by the SuperLink
+    argv = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
+                 "--ssl-keyfile", str(tls / "server.key")]
+    if database is not None:
+        argv += ["--database", str(database)]
+    if auth:
+        argv.append("--enable-supernode-auth")
+    _exec(argv, dry_run)
+
+
+@fl_app.command("supernode")
+def supernode_cmd(
+    state: Path = typer.Option(..., help="This device's private state directory (adapters, optimizer; never sent)."),
+    user: Path = typer.Option(None, help="Folder of this device's own .txt documents (the user's data)."),
+    partition: int = typer.Option(None, help="Instead of --user: this device is user N of the run's corpus."),
+    superlink: str = typer.Option("127.0.0.1:9091", help="host:port of the SuperLink."),
+    experts: int = typer.Option(None, help="This device's number of experts (default: the run's)."),
+    port: int = typer.Option(9094, help="Local port of this SuperNode's runtime API (one per node on a machine)."),
+    root_certificates: Path = typer.Option(None, help="CA certificate of a TLS SuperLink; without it: --insecure."),
+    auth_key: Path = typer.Option(None, help="Private key of this SuperNode (SuperNode authentication)."),
+    audit_log: Path = typer.Option(None, help="Append the names of everything this device sends (JSON lines)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
+) -> None:
+    """Start a Flower SuperNode for one device."""
+    if (user is None) == (partition is None):
+        raise PocketLMError("give exactly one of --user DIR (the device's own data) or --partition N")
+    cfg = {"state-dir": str(state.expanduser().resolve())}
+    if user is not None:
+        cfg["user-dir"] = str(user.expanduser().resolve())
+    else:
+        cfg["partition-id"] = partition
+    if experts is not None:
+        cfg["experts"] = experts
+    if audit_log is not None:
+        cfg["audit-log"] = str(audit_log.expanduser().resolve())
+    node_config = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={_toml_str(v)}" for k, v in cfg.items())
+    argv = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    argv += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    _exec(argv, dry_run)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_value(v) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return _toml_str(",".join(str(x) for x in v))
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return _toml_str(str(v))
+
+
+def run_config_toml(config: Path | None, overrides: list[str]) -> str:
+    """The whole training config (validated here) plus federation keys, as a Flower `--run-config` TOML file."""
+    from ..collab.flower.task import FL_KEYS, settings
+
+    fl = [o for o in overrides if o.split("=", 1)[0].strip() in FL_KEYS]
+    train = [o for o in overrides if o not in fl]
+    cfg = load_config(config, train)
+    lines = [f"{f.name} = {_toml_value(getattr(cfg, f.name))}" for f in dataclasses.fields(TrainConfig)]
+    flvals = dict((x.strip() for x in o.split("=", 1)) for o in fl)
+    _, st = settings(flvals)     # validates the federation keys
+    for key, f in FL_KEYS.items():
+        if key in flvals:
+            lines.append(f"{key} = {_toml_value(getattr(st, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+@fl_app.command("run")
+def run_cmd(
+    config: Path = typer.Option(None, "--config", "-c", help="pocketlm TOML config (e.g. configs/fl-tiny.toml)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a training or federation key, e.g. --set rounds=3 "
+                                                          "--set min-available-nodes=4 (repeatable)."),
+    connection: str = typer.Option(None, help="SuperLink connection in $FLWR_HOME/config.toml (default: Flower's "
+                                              "default connection; `local` = Flower's simulation engine)."),
+    app_dir: Path = typer.Option(Path("."), help="The pocketlm checkout (its pyproject.toml declares the Flower app)."),
+    stream: bool = typer.Option(True, help="Stream the run's logs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
+) -> None:
+    """Submit a CoMiGS run to a SuperLink (or to Flower's simulation engine)."""
+    if not (app_dir / "pyproject.toml").is_file():
+        raise PocketLMError(f"{app_dir} has no pyproject.toml: run from the pocketlm checkout or pass --app-dir")
+    text = run_config_toml(config, overrides)
+    fd, path = tempfile.mkstemp(prefix="pocketlm-fl-", suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    # a SuperLink that `flwr run` starts itself (the simulation engine) must not `uv sync` pocketlm's dependencies
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    argv = ["flwr", "run", str(app_dir)] + ([connection] if connection else []) + ["--run-config", path]
+    if stream:
+        argv.append("--stream")
+    _exec(argv, dry_run)
