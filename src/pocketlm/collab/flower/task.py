@@ -32,7 +32,7 @@ from ...eval import perplexity
 from ...models import load_model
 from ...moe import inject_moe, param_role, shared_base_view
 from ..client import Device
-from ..config import FIELDS, ConfigError, TrainConfig, load_config
+from ..config import FIELDS, PROTOCOLS, ConfigError, TrainConfig, load_config
 from ..server import Server, Upload
 from ..strategies import Strategy, experts_per_user, get_strategy
 from .state import PrivateState
@@ -89,6 +89,8 @@ def settings(run_config: dict) -> tuple[TrainConfig, FLSettings]:
         elif key in FL_KEYS:
             fl[FL_KEYS[key].name] = value
         elif key in FIELDS:
+            if value == "" and key in PROTOCOLS["clean"]:  # unset: the protocol (or the default) decides
+                continue
             train[key] = value
         else:
             raise ConfigError(f"unknown run-config key {key!r}; training keys: {sorted(FIELDS)}; "
