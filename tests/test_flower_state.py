@@ -11,7 +11,6 @@ import torch
 
 from pocketlm.collab import Device, load_config
 from pocketlm.collab.flower.state import PrivateState, PrivateStateError
-from pocketlm.collab.flower.task import bind_device
 from pocketlm.collab.strategies import get_strategy
 from pocketlm.data import build_scenario, read_folder
 from pocketlm.models import load_model
@@ -45,7 +44,7 @@ def new_device(setup) -> Device:
 
 def train(setup, d: Device) -> None:
     cfg, model, _, data = setup
-    d.local_update(bind_device(model, d), data.train, data.val, cfg.local_steps)
+    d.local_update(model, data.train, data.val, cfg.local_steps)  # binds its adapters itself
 
 
 def test_saved_and_reloaded_device_continues_exactly_like_an_uninterrupted_one(setup, tmp_path):
