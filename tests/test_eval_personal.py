@@ -60,3 +60,22 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
     assert res.exit_code != 0 and "--adapters" in str(res.exception)
     res = runner.invoke(app, ["eval-personal", "--run", str(tmp_path), "--max-new-tokens", "4"])
     assert res.exit_code != 0 and "history.json" in str(res.exception)
+
+
+def test_demo_ends_with_the_personal_models_steering(tmp_path, capsys):
+    """The demo's last part: the cloud alone, then steered by the German and Italian users' models of its run."""
+    from pocketlm.cli.demo import _personal_demo
+
+    corpus = tmp_path / "corpus"
+    for user, text in {"de": "der Hund und die Katze sind im Haus {}", "it": "il gatto e il cane sono in casa {}"}.items():
+        (corpus / user).mkdir(parents=True)
+        for i in range(8):
+            (corpus / user / f"{i}.txt").write_text(text.format(i) + "\n")
+    sets = {"model": "tiny-llama", "corpus": str(corpus), "max_chars": "none", "rounds": 1, "local_steps": 1,
+            "batch_size": 2, "seq_len": 16, "router_every": 1, "router_steps": 1,
+            "out_dir": str(tmp_path / "runs" / "{strategy}")}
+    res = runner.invoke(app, ["train", "--strategy", "1g1s", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]])
+    assert res.exit_code == 0, res.output
+    _personal_demo("tiny-llama", tmp_path / "runs" / "1g1s", "cpu", 2.0)
+    out = capsys.readouterr().out
+    assert "cloud alone" in out and "German user's model" in out and "Italian user's model" in out

@@ -141,3 +141,11 @@ def test_eval_steer_reports_leakage(tmp_path):
         assert set(leak) == {"ngram5_share", "longest_copy_words", "context_word_share"}
         assert leak["longest_copy_words"] <= 3
     assert "closed_form" in res.output
+
+
+def test_demo_steering_part_runs_guarded(capsys):
+    from pocketlm.cli.demo import _steer_demo
+
+    _steer_demo("tiny-llama", "cpu", 4)
+    out = capsys.readouterr().out
+    assert "leak guard: at most 4 words" in out and "longest span copied" in out
