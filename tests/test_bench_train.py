@@ -86,10 +86,12 @@ def test_saved_activation_bytes_retains_no_graph(graph_tensors):
     saved = saved_activation_bytes(model, ids)  # first call: the allocator's arenas grow once
     assert saved > 50 * 2**20 and graph_tensors() == []
     before = _rss()
-    for _ in range(3):
+    for _ in range(6):
         assert saved_activation_bytes(model, ids) == saved
     assert graph_tensors() == []
-    assert _rss() - before < saved / 2  # a leak would add about 2 x `saved` per call
+    # a leak would add about 2 x `saved` per call (12 x over the loop); the allocator's own arenas may move by
+    # about one `saved` in a long test process
+    assert _rss() - before < 3 * saved
 
 
 def test_oom_rows_print_oom_and_json_still_comes_out(tmp_path, monkeypatch):

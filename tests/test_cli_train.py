@@ -64,4 +64,4 @@ def test_demo_runs_on_a_tiny_model(folder_corpus, tmp_path):
     doc = json.loads((tmp_path / "demo" / "compare.json").read_text())
     assert list(doc["strategies"]) == ["pretrained", "1g1s", "local", "fedavg"]
     assert "test perplexity per user" in res.output
-    assert "cloud alone:" in res.output and "steered:" in res.output
+    assert "cloud alone:" in res.output and "steered" in res.output and "leak guard" in res.output
