@@ -76,6 +76,6 @@ def test_demo_ends_with_the_personal_models_steering(tmp_path, capsys):
             "out_dir": str(tmp_path / "runs" / "{strategy}")}
     res = runner.invoke(app, ["train", "--strategy", "1g1s", *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]])
     assert res.exit_code == 0, res.output
-    _personal_demo("tiny-llama", tmp_path / "runs" / "1g1s", "cpu", 2.0)
+    _personal_demo("tiny-llama", tmp_path / "runs" / "1g1s", "cpu", 1.0)
     out = capsys.readouterr().out
     assert "cloud alone" in out and "German user's model" in out and "Italian user's model" in out

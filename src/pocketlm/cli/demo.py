@@ -41,7 +41,7 @@ def demo_cmd(
     device: DeviceOpt = None,
     seed: int = typer.Option(42),
     max_copy: MaxCopyOpt = 4,
-    personal_kappa: float = typer.Option(2.0, help="Steering strength of the personal-model demo (weights signal)."),
+    personal_kappa: float = typer.Option(1.0, help="Steering strength of the personal-model demo (signal both)."),
 ) -> None:
     """Train CoMiGS vs local vs FedAvg briefly on 4 users writing in 4 languages; then steer one answer."""
     t0 = time.time()
@@ -92,28 +92,33 @@ PERSONAL_PROMPT = "Write two sentences about how to spend a free Sunday."
 
 
 def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> None:
-    """The cloud alone, then steered by the German and the Italian user's personal models (weights signal:
-    log p_personal(.|x) - log p_base(.|x), no private context at all; only token ids reach the cloud)."""
+    """The cloud alone, then steered by the German and the Italian user's personal models (signal `both`:
+    log p_personal(.|profile, x) - log p_base(.|x); the one-sentence profile stays on the device, only token ids
+    reach the cloud). On the demo's schedule `both` at kappa 1 matched every user's language (docs/results.md);
+    the adapters alone (`weights`) do not yet."""
     from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
-    from ..steer.decoding import SteerRequest
+    from ..models import load_model
+    from ..moe.personal import load_personal
+    from ..steer.backend import HFCloudBackend
+    from ..steer.decoding import SteerEngine, SteerRequest
     from ..steer.methods import get_method
-    from ..steer.session import load_engine
 
     users = [u for u in ("de", "it") if (run / "users" / u).is_dir()]
     if not users:
         return
     console.print(f"\n[bold]Personal steering[/]: each user's CoMiGS model from this run ({run}) steers the cloud "
-                  "by what its adapters learned; the cloud sees only the prompt")
+                  "with its adapters and a private one-sentence profile; the cloud sees only the prompt")
     console.print(f"[dim]prompt (goes to the cloud):[/] {PERSONAL_PROMPT}")
-    req = SteerRequest(PERSONAL_PROMPT)
+    base, tok = load_model(model, device=device)
+    cloud = HFCloudBackend(base, tok)
+    steer = get_method(f"closed_form@{kappa:g}").with_signal("both")
     for i, user in enumerate(users):
-        engine = load_engine(model, model, device=device, adapters=str(run / "users" / user))
-        methods = [get_method(f"closed_form@{kappa:g}").with_signal("weights")]
-        if i == 0:
-            methods.insert(0, get_method("cloud"))
+        engine = SteerEngine(cloud, tok, load_personal(base, run / "users" / user), tok)
+        lang = LANGUAGE_NAMES[user]
+        req = SteerRequest.with_context(PERSONAL_PROMPT, f"I am a native {lang} speaker and always write in {lang}.")
+        methods = [get_method("cloud"), steer] if i == 0 else [steer]
         gens = engine.generate([req] * len(methods), methods, max_new_tokens=48)
         if i == 0:
             console.print(f"[bold]cloud alone:[/] {gens[0].text.strip()}  [dim](language: {language_of(gens[0].text)})[/]")
         text = gens[-1].text.strip()
-        console.print(f"[bold]steered by the {LANGUAGE_NAMES[user]} user's model:[/] {text}  "
-                      f"[dim](language: {language_of(text)})[/]")
+        console.print(f"[bold]steered by the {lang} user's model:[/] {text}  [dim](language: {language_of(text)})[/]")
