@@ -96,6 +96,7 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     log p_personal(.|profile, x) - log p_base(.|x); the one-sentence profile stays on the device, only token ids
     reach the cloud). On the demo's schedule `both` at kappa 1 matched every user's language (docs/results.md);
     the adapters alone (`weights`) do not yet."""
+    from ..eval.personal_eval import language_target
     from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
     from ..models import load_model
     from ..moe.personal import load_personal
@@ -115,7 +116,7 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     for i, user in enumerate(users):
         engine = SteerEngine(cloud, tok, load_personal(base, run / "users" / user), tok)
         lang = LANGUAGE_NAMES[user]
-        req = SteerRequest.with_context(PERSONAL_PROMPT, f"I am a native {lang} speaker and always write in {lang}.")
+        req = SteerRequest.with_context(PERSONAL_PROMPT, language_target(user, lang).profile)
         methods = [get_method("cloud"), steer] if i == 0 else [steer]
         gens = engine.generate([req] * len(methods), methods, max_new_tokens=48)
         if i == 0:

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..data import load_corpus
 from ..data.splits import split_corpus
 from ..errors import PocketLMError
-from ..eval.personal_eval import PERSONAL_METHODS, UserTarget, evaluate_personal
+from ..eval.personal_eval import PERSONAL_METHODS, UserTarget, evaluate_personal, language_target
 from ..eval.personal_metrics import LANGUAGE_NAMES, UnigramUsers, language_of
 from ..jsonfile import write_json
 from ..models import load_model
@@ -42,8 +42,7 @@ def user_targets(cfg: dict, users: list[str]):
     """Language users (fortunes) are matched by a stop-word language identifier; any other users (AG News
     topics) by the nearest per-user unigram model of the users' training splits."""
     if all(u in LANGUAGE_NAMES for u in users):
-        targets = [UserTarget(u, f"I am a native {LANGUAGE_NAMES[u]} speaker and always write in {LANGUAGE_NAMES[u]}.",
-                              f"Answer in {LANGUAGE_NAMES[u]}.") for u in users]
+        targets = [language_target(u, LANGUAGE_NAMES[u]) for u in users]
         return targets, (lambda text, user: language_of(text) == user), "language"
     splits = split_corpus(load_corpus(cfg["corpus"], fmt=cfg.get("corpus_format")), seed=cfg.get("seed", 0),
                           max_chars=cfg.get("max_chars"))

@@ -34,6 +34,11 @@ class UserTarget:
     hint: str       # appended to the prompt for `cloud_prompted` (not private)
 
 
+def language_target(user: str, name: str) -> UserTarget:
+    """A language user's private profile sentence and the open hint `cloud_prompted` gets."""
+    return UserTarget(user, f"I am a native {name} speaker and always write in {name}.", f"Answer in {name}.")
+
+
 def _row(method: str, prompt: str, t: UserTarget, kappa: float):
     steer = get_method(f"closed_form@{kappa:g}")
     if method == "cloud":
@@ -54,10 +59,11 @@ def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserT
         engine = engines(t.user)
         per: dict[str, dict[str, list]] = {m: {"match": [], "cloud_ppl": [], "distinct2": []} for m in methods}
         for prompt in prompts:
+            prompt_ids = chat_ids(engine.cloud_tok, prompt, engine.system)
             rows = [_row(m, prompt, t, kappa) for m in methods]
             gens = engine.generate([r for r, _ in rows], [m for _, m in rows], max_new_tokens=max_new_tokens)
             for name, (req, _), g in zip(methods, rows, gens, strict=True):
-                ppl = cloud_perplexity(cloud_model, chat_ids(engine.cloud_tok, prompt, engine.system), g.token_ids)
+                ppl = cloud_perplexity(cloud_model, prompt_ids, g.token_ids)
                 per[name]["match"].append(1.0 if match(g.text, t.user) else 0.0)
                 per[name]["distinct2"].append(distinct2(g.text))
                 if ppl is not None:

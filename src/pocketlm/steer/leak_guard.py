@@ -29,17 +29,19 @@ class _TextGuard:
         self.tokenizer = tokenizer
         self.tail_tokens = TAIL_TOKENS_PER_WORD * tail_words + 8
 
-    def _texts(self, generated: list[int], token: int) -> tuple[str, str]:
+    def _texts(self, generated: list[int], token: int, before: bool = True) -> tuple[str | None, str]:
+        """(tail text, tail text + candidate); `before=False` skips decoding the first (MaxCopy needs only the
+        second)."""
         n_tok = len(self.tokenizer)
         cut = len(generated) > self.tail_tokens
         tail = [t for t in generated[-self.tail_tokens:] if t < n_tok]
-        before = self.tokenizer.decode(tail, skip_special_tokens=True)
         after = self.tokenizer.decode(tail + ([token] if token < n_tok else []), skip_special_tokens=True)
-        if cut:  # the cut may fall inside a word: start both at the first word boundary of `before`
-            m = re.search(r"\W", before)
-            start = m.end() if m else len(before)
-            before, after = before[start:], after[start:]
-        return before, after
+        start = 0
+        if cut:  # the cut may fall inside a word: start at the first word boundary (the texts share this prefix)
+            m = re.search(r"\W", after)
+            start = m.end() if m else len(after)
+        prev = self.tokenizer.decode(tail, skip_special_tokens=True)[start:] if before else None
+        return prev, after[start:]
 
 
 class MaxCopy(_TextGuard):
@@ -59,7 +61,7 @@ class MaxCopy(_TextGuard):
         forbidden = self.spans[row]
         if not forbidden:
             return True
-        _, after = self._texts(generated, token)
+        _, after = self._texts(generated, token, before=False)
         ws = words(after)[-(self.n + 3):]
         return not any(tuple(ws[i:i + self.n + 1]) in forbidden for i in range(len(ws) - self.n))
 
