@@ -1,0 +1,308 @@
+"""`OpenAICloud`: any OpenAI-compatible server (vLLM, llama.cpp, ...) as the steering cloud, a `PartialCloud`.
+
+Each live row's step is one `POST /v1/completions` with `max_tokens=1, logprobs=K, echo=false,
+temperature=0`: the server answers its top-K log-probs, which become a `TopKLogits` (ids, log-probs, and a
+bound no other id exceeds; see `openai_pieces.py` for how token strings are read back soundly). The engine
+certifies the fused greedy token from that and asks `exact()` for the few ids it cannot rule out; `exact()`
+sends the prompt plus the candidate with `echo=true` and reads the candidate's own log-prob.
+
+Prompts: `ids` sends token ids (vLLM; exact). `text` sends the ids decoded to text (llama.cpp accepts only
+text): the server re-tokenizes it, so the cloud may condition on a slightly different id sequence than the
+device's; `stats["retokenized"]` counts prompts whose text does not tokenize back to the same ids.
+`auto` tries ids first and falls back to text when the server refuses them.
+
+The server cannot prove which tokenizer it uses: pass the device model of the *same* model family (its
+tokenizer maps the server's token strings back to ids); `/v1/models` names the served model, logged at start.
+
+Requests for several rows run concurrently on a small thread pool; rows with one id sequence share a
+request. Every wait is bounded (`timeout`, `connect_timeout`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .backend import eos_ids
+from .openai_http import LogprobsCapped, NotCertifiable, OpenAICloudError, Transport
+from .openai_pieces import PieceMap, RowTop, parse_top
+from .topk import TopKLogits
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", "is_openai"]
+
+PROMPT_MODES = ("auto", "ids", "text")
+SCHEME = "openai+"
+ALIGN_TOL = 2e-3  # nats: an echoed position must reproduce the step's best log-prob this closely
+
+
+def is_openai(spec: str) -> bool:
+    """A cloud spec naming an OpenAI-compatible server: `openai+http://HOST:PORT` (or `openai+https://`)."""
+    return spec.startswith((SCHEME + "http://", SCHEME + "https://"))
+
+
+class OpenAICloud:
+    """`PartialCloud` over `/v1/completions`. `tokenizer`: the device's (the same model's tokenizer as the
+    server's). `logprobs`: K per step (lowered once to the server's cap when it names one). `prompt`:
+    auto | ids | text. `api_key`: sent as a bearer token (default: env POCKETLM_OPENAI_KEY)."""
+
+    def __init__(self, url: str, tokenizer, *, api_key: str | None = None, logprobs: int = 20,
+                 prompt: str = "auto", model: str | None = None, timeout: float = 60.0,
+                 connect_timeout: float = 10.0, concurrency: int = 4):
+        if prompt not in PROMPT_MODES:
+            raise OpenAICloudError(f"unknown prompt mode {prompt!r}; choose from {', '.join(PROMPT_MODES)}")
+        if logprobs < 1:
+            raise OpenAICloudError(f"logprobs must be >= 1, got {logprobs}")
+        self.url = url.removeprefix(SCHEME)
+        self.http = Transport(self.url, api_key or os.environ.get("POCKETLM_OPENAI_KEY"),
+                              timeout=timeout, connect_timeout=connect_timeout)
+        self.tokenizer, self.k, self.prompt_mode = tokenizer, logprobs, prompt
+        self.vocab_rows = self.columns = len(tokenizer)
+        self.eos_token_ids = eos_ids(None, tokenizer)
+        served = [m.get("id") for m in self.http.call("GET", "/v1/models").get("data", []) if isinstance(m, dict)]
+        self.model_name = model or (served[0] if served else None)
+        log.info("OpenAI-compatible cloud at %s serves %s; using %s (its tokenizer must be the device's)",
+                 self.url, served, self.model_name)
+        self.pieces = PieceMap(tokenizer, self.vocab_rows)
+        self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="pocketlm-openai")
+        self._bias_eos = False  # set when the server drops log-probs on an end token (llama-cpp-python)
+        self._seqs: list[list[int]] = []
+        self._tops: list[RowTop] = []
+        self.stats = dict.fromkeys(("step_requests", "exact_requests", "text_prompts", "retokenized",
+                                    "ambiguous_steps", "eos_resolved"), 0)
+        self._lock = threading.Lock()
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        """Each live row's ids so far (prompt + chosen tokens), the prefix its next request sends."""
+        return [list(s) for s in self._seqs]
+
+    @property
+    def bytes_up(self) -> int:
+        return self.http.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        return self.http.bytes_down
+
+    @property
+    def requests(self) -> int:
+        return self.http.requests
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _text(self, seq: list[int]) -> str:
+        return self.tokenizer.decode(seq, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _prompt(self, seq: list[int]):
+        return self._text(seq) if self.prompt_mode == "text" else list(seq)
+
+    @staticmethod
+    def _generated(choice: dict, doc: dict) -> int:
+        """How many echoed tokens the completion added (0 or 1 with max_tokens=1)."""
+        usage = doc.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            return usage["completion_tokens"]
+        return 1 if choice.get("finish_reason") == "length" else 0
+
+    def _complete(self, seq: list[int], **extra) -> tuple[dict, dict]:
+        """One completion for `seq` (mode, logprobs cap and end-token bias handled): (choices[0], answer)."""
+        body = {"prompt": self._prompt(seq), "max_tokens": 1, "temperature": 0, "logprobs": self.k,
+                "echo": False, **extra}
+        if self.model_name:
+            body["model"] = self.model_name
+        if self.prompt_mode == "ids" or (self.prompt_mode == "auto" and isinstance(body["prompt"], list)):
+            body["return_tokens_as_token_ids"] = True  # vLLM: keys "token_id:N", no string ambiguity
+        if self._bias_eos and self.eos_token_ids:
+            body["logit_bias"] = {str(e): -100.0 for e in sorted(self.eos_token_ids)}
+        try:
+            doc = self.http.call("POST", "/v1/completions", body)
+        except LogprobsCapped as e:
+            if e.limit is None or not 1 <= e.limit < body["logprobs"] or "logprobs" in extra:
+                raise OpenAICloudError(f"{e} (lower --cloud-logprobs)") from None
+            log.warning("%s caps logprobs at %d (asked %d); using %d", self.url, e.limit, self.k, e.limit)
+            self.k = e.limit
+            return self._complete(seq, **extra)
+        except OpenAICloudError as e:
+            if self.prompt_mode != "auto" or not any(f"HTTP {c}" in str(e) for c in (400, 422)):
+                raise
+            log.info("%s refused a token-id prompt (%s); sending text prompts from now on", self.url, e)
+            self.prompt_mode = "text"
+            return self._complete(seq, **extra)
+        if self.prompt_mode == "auto":
+            self.prompt_mode = "ids"
+        choices = doc.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise OpenAICloudError(f"{self.url} answered without choices: {str(doc)[:120]}")
+        return choices[0], doc
+
+    def _top(self, seq: list[int]) -> RowTop:
+        """The step's top-K for one id sequence (one request, plus one per end token to resolve "" keys)."""
+        choice, _ = self._complete(seq)
+        self._count("step_requests")
+        if self.prompt_mode == "text":
+            self._count("text_prompts")
+            if self.tokenizer(self._text(seq), add_special_tokens=False)["input_ids"] != list(seq):
+                self._count("retokenized")
+        tops = (choice.get("logprobs") or {}).get("top_logprobs")
+        if not tops or not isinstance(tops[0], dict) or not tops[0]:
+            if choice.get("finish_reason") == "stop" and not self._bias_eos and self.eos_token_ids:
+                # llama-cpp-python returns no log-probs when its greedy token ends the text; a logit bias
+                # steers its *sampler* off the end tokens while its log-probs stay the raw ones
+                log.info("%s returns no log-probs on an end token; biasing its sampler off end tokens", self.url)
+                self._bias_eos = True
+                return self._top(seq)
+            raise OpenAICloudError(f"{self.url} answered without top_logprobs (llama.cpp needs --logits_all true; "
+                                   f"vLLM --max-logprobs >= {self.k})")
+        try:
+            row = parse_top(tops[0], self.k, self.pieces)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise OpenAICloudError(f"{self.url} answered malformed top_logprobs: {e}") from None
+        if row.bound > row.floor:
+            self._count("ambiguous_steps")
+            self._resolve_eos(seq, row)
+        return row
+
+    def _resolve_eos(self, seq: list[int], row: RowTop) -> None:
+        """An ambiguous key that may be an end token (llama.cpp renders every special token "") would keep
+        the bound high exactly when the text ends: ask the end tokens' exact log-probs. A key whose value is an
+        end token's is then accounted for; an end token hidden by a collision leaves less mass for the rest."""
+        shown = [*row.known.values(), *(v for v, _ in row.ambiguous)]
+        for e in sorted(set().union(*[ids or set() for _, ids in row.ambiguous]) & self.eos_token_ids):
+            try:
+                value = self._echo(seq, e, row)
+            except NotCertifiable as err:
+                log.debug("end token %d not resolved: %s", e, err)
+                continue
+            self._count("eos_resolved")
+            row.known[e] = value
+            match = [(v, ids) for v, ids in row.ambiguous if e in (ids or ()) and abs(v - value) <= ALIGN_TOL]
+            if match:
+                row.ambiguous.remove(match[0])
+            elif all(abs(v - value) > ALIGN_TOL for v in shown):
+                row.rest -= math.exp(value)
+        row.rebound()
+
+    def _echo(self, seq: list[int], cand: int, row: RowTop) -> float:
+        """The exact log-prob of `cand` after `seq`, from an echo request on `seq + [cand]`, checked: the
+        echoed position's best log-prob must equal the step's (else the server's echo does not line up)."""
+        if self.prompt_mode == "text":
+            prefix = self._text(seq)
+            base = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            full = self.tokenizer(prefix + self.pieces.piece[cand], add_special_tokens=False)["input_ids"]
+            if full != base + [cand]:
+                raise NotCertifiable(f"id {cand} ({self.pieces.piece[cand]!r}) does not survive re-tokenization "
+                                     "after this prefix (text prompts)")
+        choice, doc = self._complete(list(seq) + [cand], echo=True, logprobs=1)
+        self._count("exact_requests")
+        lp = choice.get("logprobs") or {}
+        tokens, values, tops = lp.get("tokens"), lp.get("token_logprobs"), lp.get("top_logprobs")
+        if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)):
+            raise OpenAICloudError(f"{self.url} answered an echo request without token log-probs")
+        j = len(tokens) - self._generated(choice, doc) - 1  # the prompt's last token: the candidate
+        if j < 1 or values[j] is None or not isinstance(tops[j], dict) or not tops[j]:
+            raise NotCertifiable(f"{self.url} echoed no log-prob for the candidate position")
+        if cand not in (self.pieces.ids(str(tokens[j])) or {cand}):
+            raise NotCertifiable(f"{self.url} echoed {tokens[j]!r} where id {cand} was sent")
+        if not self._lines_up(tops[j], row):
+            raise NotCertifiable(f"{self.url}'s echoed log-probs do not line up with its step log-probs")
+        return float(values[j])
+
+    def _lines_up(self, echoed: dict, row: RowTop) -> bool:
+        """Is `echoed` (an echo answer's top log-probs at the candidate's position) the step's distribution?
+        Each echoed id the step showed must have its value, any other must stay under the step's bound, and
+        the echoed best must be at least the step's best (a server whose echo is shifted by a position fails)."""
+        top = max(row.known.values(), default=-math.inf)
+        for key, v in echoed.items():
+            ids = self.pieces.ids(str(key))
+            if ids is not None and len(ids) == 1 and next(iter(ids)) in row.known:
+                if abs(float(v) - row.known[next(iter(ids))]) > ALIGN_TOL:
+                    return False
+            elif float(v) > max(row.bound, top) + ALIGN_TOL:
+                return False
+        return max(float(v) for v in echoed.values()) >= top - ALIGN_TOL
+
+    # -- PartialCloud -------------------------------------------------------------------------------
+    def _run(self, seqs: list[list[int]]) -> TopKLogits:
+        """One request per distinct sequence (concurrently), rows of a sequence share the answer."""
+        distinct = {tuple(s): None for s in seqs}
+        answers = dict(zip(distinct, self._pool.map(self._top, [list(s) for s in distinct]), strict=True))
+        self._tops = [answers[tuple(s)] for s in seqs]
+        return self._topk(self._tops)
+
+    def _topk(self, rows: list[RowTop]) -> TopKLogits:
+        width = max(1, max(len(r.known) for r in rows))
+        ids = torch.empty(len(rows), width, dtype=torch.long)
+        scores = torch.empty(len(rows), width, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            pairs = sorted(r.known.items(), key=lambda kv: -kv[1])
+            pad = [(self.vocab_rows + j, r.bound) for j in range(width - len(pairs))]  # past `columns`: dropped
+            ids[i] = torch.tensor([p[0] for p in pairs + pad], dtype=torch.long)
+            scores[i] = torch.tensor([p[1] for p in pairs + pad], dtype=torch.float32)
+        bound = torch.tensor([r.bound for r in rows], dtype=torch.float32)
+        return TopKLogits(ids, scores, bound, torch.zeros(len(rows)))
+
+    def cache_modes(self) -> tuple[str, ...]:
+        """The server keeps its own caches: one mode, nothing for the device to choose."""
+        return ("server",)
+
+    def set_cache_mode(self, mode: str) -> None:
+        if mode not in ("auto", "server"):
+            raise OpenAICloudError(f"an OpenAI-compatible server decodes with its own cache; kv={mode!r} "
+                                   "applies to the device only")
+
+    def reserve(self, new_tokens: int) -> None:
+        """Nothing to size: each step is a stateless request."""
+
+    def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> TopKLogits:
+        expand = list(range(len(prompts))) if expand is None else expand
+        self._seqs = [list(map(int, prompts[e])) for e in expand]
+        return self._run(self._seqs)
+
+    def step(self, token_ids: torch.Tensor) -> TopKLogits:
+        ids = token_ids.view(-1).tolist()
+        if len(ids) != len(self._seqs):
+            raise OpenAICloudError(f"{len(ids)} token ids for {len(self._seqs)} live rows")
+        for seq, t in zip(self._seqs, ids, strict=True):
+            seq.append(int(t))
+        return self._run(self._seqs)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        idx = rows.view(-1).tolist()
+        self._seqs = [self._seqs[i] for i in idx]
+        self._tops = [self._tops[i] for i in idx]
+
+    def release(self) -> None:
+        self._seqs, self._tops = [], []
+
+    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+        """Exact log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's
+        answer, the others by echo requests (concurrently). Raises `NotCertifiable` when one cannot be had."""
+        jobs = [(r, c) for r, cs in zip(rows, ids, strict=True) for c in cs if c not in self._tops[r].known]
+        got = dict(zip(jobs, self._pool.map(lambda rc: self._echo(self._seqs[rc[0]], rc[1], self._tops[rc[0]]),
+                                             jobs), strict=True))
+        return [torch.tensor([self._tops[r].known.get(c, got.get((r, c), math.nan)) for c in cs],
+                             dtype=torch.float32) for r, cs in zip(rows, ids, strict=True)]
+
+    def full(self, rows: list[int]) -> torch.Tensor:
+        raise OpenAICloudError(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the full "
+                               "distribution; decode greedily (certified) or use the truncated sampling mode")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.http.close()
+
+    def __enter__(self) -> OpenAICloud:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

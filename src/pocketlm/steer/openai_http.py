@@ -1,0 +1,95 @@
+"""The HTTP side of the OpenAI-compatible cloud: one bounded POST per completion, every failure one clear line.
+
+Thin on purpose: `OpenAICloud` (openai_cloud.py) holds the steering logic; this module only sends JSON,
+counts payload bytes, and turns connection errors, HTTP errors, timeouts and malformed answers into
+`OpenAICloudError` naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+
+import httpx
+
+from ..errors import PocketLMError
+
+log = logging.getLogger(__name__)
+
+
+class OpenAICloudError(PocketLMError):
+    """The OpenAI-compatible server could not be reached, refused a request, or answered without log-probs."""
+
+
+class NotCertifiable(OpenAICloudError):
+    """`exact()` cannot give a sound exact score for an id (the server re-tokenizes the candidate differently,
+    or its echoed log-probs do not line up with its step log-probs): the engine should choose the best known
+    token and count the step as uncertified."""
+
+
+class LogprobsCapped(OpenAICloudError):
+    """The server refused `logprobs=K`; `limit` is the largest K its message names (None if it names none)."""
+
+    def __init__(self, message: str, limit: int | None):
+        super().__init__(message)
+        self.limit = limit
+
+
+_CAP = re.compile(r"(?:max|maximum|limit|allowed)[^0-9]{0,40}?(\d+)", re.IGNORECASE)
+
+
+class Transport:
+    """JSON over HTTP to `base` (`http(s)://HOST:PORT`, with or without `/v1`). Thread-safe; counts
+    `bytes_up` / `bytes_down` (JSON bodies, not HTTP headers) and `requests`."""
+
+    def __init__(self, base: str, api_key: str | None, *, timeout: float, connect_timeout: float):
+        base = base.rstrip("/")
+        self.base = base.removesuffix("/v1")
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                                    limits=httpx.Limits(max_connections=16), trust_env=False)
+        self._lock = threading.Lock()
+        self.bytes_up = self.bytes_down = self.requests = 0
+
+    def _count(self, up: int, down: int) -> None:
+        with self._lock:
+            self.bytes_up += up
+            self.bytes_down += down
+            self.requests += 1
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        url = self.base + path
+        data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        try:
+            r = self._client.request(method, url, content=data or None,
+                                     headers={"Content-Type": "application/json"} if data else None)
+        except httpx.TimeoutException:
+            raise OpenAICloudError(f"the OpenAI-compatible server at {url} did not answer within "
+                                   f"{self.timeout:g} s") from None
+        except httpx.HTTPError as e:
+            raise OpenAICloudError(f"cannot reach an OpenAI-compatible server at {url}: "
+                                   f"{type(e).__name__}: {e}") from None
+        self._count(len(data), len(r.content))
+        if r.status_code >= 400:
+            text = " ".join(r.text.split())[:300]
+            if r.status_code == 401:
+                raise OpenAICloudError(f"{url} answered HTTP 401: missing or wrong API key "
+                                       "(--cloud-token or POCKETLM_OPENAI_KEY)")
+            if r.status_code in (400, 422) and "logprob" in text.lower() and body and body.get("logprobs"):
+                m = _CAP.search(text)
+                raise LogprobsCapped(f"{url} refused logprobs={body['logprobs']}: {text}",
+                                     int(m.group(1)) if m else None)
+            raise OpenAICloudError(f"{url} answered HTTP {r.status_code}: {text}")
+        try:
+            doc = r.json()
+        except ValueError:
+            raise OpenAICloudError(f"{url} answered with malformed JSON: {r.text[:120]!r}") from None
+        if not isinstance(doc, dict):
+            raise OpenAICloudError(f"{url} answered with JSON that is not an object: {r.text[:120]!r}")
+        return doc
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,249 @@
+"""OpenAICloud against a real OpenAI-compatible server on loopback (tests/openai_fixtures.py, a tiny HF model).
+
+Why these checks: the engine certifies greedy tokens from the top-K and a bound, so the backend must return
+the server's *true* top log-probs, a bound that no other id exceeds (also when token strings are ambiguous
+or collapse in the server's dict), exact log-probs on demand, and clear one-line errors when the server
+misbehaves. The reference is the model itself, evaluated in process.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from openai_fixtures import OpenAIServer
+from pocketlm.errors import PocketLMError
+from pocketlm.models import build_tiny
+from pocketlm.steer.decoding import chat_ids
+from pocketlm.steer.openai_cloud import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
+from serve_fixtures import lively
+
+PROMPTS = ["Tell me about the sea.", "What is a boat?", "Name a fish."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = build_tiny("tiny-llama", seed=11)
+    return lively(model, 1), tok
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    srv = OpenAIServer(*tiny)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def make(server, tiny):
+    """OpenAICloud factory against `server`; every client is closed and the server's fault reset after."""
+    made = []
+
+    def build(url=None, **kw):
+        kw.setdefault("timeout", 20.0)
+        c = OpenAICloud(url or server.url, tiny[1], **kw)
+        made.append(c)
+        return c
+
+    yield build
+    server.fault = None
+    for c in made:
+        c.close()
+
+
+def true_logprobs(model, seq: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([seq])).logits[0, -1].float(), -1)
+
+
+def ascii_piece(tok, i: int) -> bool:
+    piece = tok.decode([i])
+    return piece.isascii() and piece.isprintable()
+
+
+def lone_byte(tok) -> list[int]:
+    """The id of the first byte of "é" (0xC3): alone it is not UTF-8, so its text does not round-trip."""
+    return tok("é", add_special_tokens=False)["input_ids"][:1]
+
+
+def check_sound(out, rows: list[list[int]], model, vocab: int, exact_ids: bool) -> None:
+    """Every returned id carries its true log-prob; no other id exceeds the row's bound."""
+    for r, seq in enumerate(rows):
+        ref = true_logprobs(model, seq)[:vocab]
+        ids = out.ids[r][out.ids[r] < vocab]
+        torch.testing.assert_close(out.scores[r][: ids.numel()], ref[ids], atol=1e-4, rtol=0)
+        unknown = torch.ones(vocab, dtype=torch.bool)
+        unknown[ids] = False
+        assert ref[unknown].max() <= out.bound[r] + 1e-5
+        if exact_ids:  # token-id keys: the k best ids themselves, the bound is the k-th value
+            assert ids.tolist() == ref.topk(ids.numel()).indices.tolist()
+            assert out.bound[r] == pytest.approx(ref.topk(ids.numel()).values[-1].item(), abs=1e-4)
+
+
+def test_token_id_prompts_give_the_true_top_k(make, tiny):
+    model, tok = tiny
+    cloud = make(prompt="ids", logprobs=8)
+    prompts = [chat_ids(tok, p) for p in PROMPTS[:2]]
+    out = cloud.prefill(prompts, expand=[0, 1, 1])
+    rows = [prompts[0], prompts[1], prompts[1]]
+    assert out.ids.shape == (3, 8) and out.lse.abs().max() == 0
+    check_sound(out, rows, model, len(tok), exact_ids=True)
+    assert cloud.stats["step_requests"] == 2  # rows with one prompt share a request
+    for _ in range(3):
+        chosen = out.ids[:, 1]  # not the argmax: the rows must really follow the chosen ids
+        rows = [s + [int(t)] for s, t in zip(rows, chosen, strict=True)]
+        out = cloud.step(chosen)
+        check_sound(out, rows, model, len(tok), exact_ids=True)
+    assert cloud.bytes_up > 0 and cloud.bytes_down > cloud.bytes_up and cloud.requests >= 9
+
+
+def test_text_prompts_read_ambiguous_pieces_soundly(make, tiny):
+    """The tiny byte tokenizer renders every byte >= 0x80 as U+FFFD: those keys are never assigned and
+    collapse in the server's dict, so the bound must come from the leftover mass."""
+    model, tok = tiny
+    cloud = make(prompt="text", logprobs=20)
+    rows = [chat_ids(tok, PROMPTS[0])]
+    out = cloud.prefill(rows)
+    for _ in range(4):
+        check_sound(out, rows, model, len(tok), exact_ids=False)
+        t = next(int(i) for i in out.ids[0] if ascii_piece(tok, int(i)))  # its text round-trips
+        rows = [rows[0] + [t]]
+        out = cloud.step(torch.tensor([t]))
+    assert cloud.stats["text_prompts"] == 5 and cloud.stats["retokenized"] == 0
+
+
+def test_exact_gives_the_true_logprob(make, tiny):
+    model, tok = tiny
+    cloud = make(prompt="ids", logprobs=5)
+    prompts = [chat_ids(tok, p) for p in PROMPTS]
+    out = cloud.prefill(prompts)
+    out = cloud.step(out.ids[:, 0])
+    rows = cloud.sequences
+    asked = [[7, 100, int(out.ids[2, 0])], [65, 258]]
+    got = cloud.exact([2, 0], asked)
+    for r, ids, vals in zip([2, 0], asked, got, strict=True):
+        torch.testing.assert_close(vals, true_logprobs(model, rows[r])[ids], atol=1e-4, rtol=0)
+    assert cloud.stats["exact_requests"] == 4  # the top-K member was answered from the step
+
+
+def test_exact_refuses_a_candidate_text_cannot_carry(make, tiny):
+    model, tok = tiny
+    cloud = make(prompt="text", logprobs=5)
+    prompt = chat_ids(tok, PROMPTS[1])
+    cloud.prefill([prompt])
+    e = tok("e", add_special_tokens=False)["input_ids"]
+    (val,) = cloud.exact([0], [e])
+    torch.testing.assert_close(val, true_logprobs(model, prompt)[e], atol=1e-4, rtol=0)
+    with pytest.raises(NotCertifiable, match="re-tokenization"):
+        cloud.exact([0], [lone_byte(tok)])  # half of a character: as text it is U+FFFD, not that id
+    assert issubclass(NotCertifiable, PocketLMError)
+
+
+def test_keep_and_release_follow_the_live_rows(make, tiny):
+    model, tok = tiny
+    cloud = make(prompt="ids", logprobs=4)
+    prompts = [chat_ids(tok, p) for p in PROMPTS]
+    out = cloud.prefill(prompts)
+    cloud.keep(torch.tensor([2, 0]))
+    out = cloud.step(out.ids[[2, 0], 0])
+    rows = cloud.sequences
+    assert rows[0][: len(prompts[2])] == prompts[2] and rows[1][: len(prompts[0])] == prompts[0]
+    check_sound(out, rows, model, len(tok), exact_ids=True)
+    with pytest.raises(OpenAICloudError, match="live rows"):
+        cloud.step(torch.tensor([1, 2, 3]))
+    cloud.release()
+    assert cloud.sequences == []
+
+
+def test_auto_falls_back_to_text_and_counts_retokenization(tiny):
+    """llama.cpp refuses token-id prompts; a prompt whose bytes do not form UTF-8 does not survive as text."""
+    model, tok = tiny
+    srv = OpenAIServer(model, tok, ids_prompts=False)
+    try:
+        with OpenAICloud(srv.url, tok, prompt="auto", logprobs=4) as cloud:
+            prompt = chat_ids(tok, PROMPTS[2])
+            cloud.prefill([prompt])
+            assert cloud.prompt_mode == "text"
+            cloud.step(torch.tensor(lone_byte(tok)))
+            assert cloud.stats["retokenized"] == 1 and cloud.stats["text_prompts"] == 2
+    finally:
+        srv.close()
+
+
+def test_logprobs_are_lowered_to_the_server_cap(tiny):
+    model, tok = tiny
+    srv = OpenAIServer(model, tok, max_logprobs=5)
+    try:
+        with OpenAICloud(srv.url, tok, prompt="ids", logprobs=20) as cloud:
+            out = cloud.prefill([chat_ids(tok, PROMPTS[0])])
+            assert cloud.k == 5 and out.ids.shape[1] == 5
+    finally:
+        srv.close()
+
+
+def test_llama_style_end_tokens_are_resolved(tiny):
+    """llama-cpp-python renders special tokens "" and answers no log-probs when its greedy token is the end
+    token: the backend biases the sampler off end tokens and asks the end token's exact log-prob, so the bound
+    falls back to the top-K floor."""
+    model, tok = tiny
+    prompt = chat_ids(tok, PROMPTS[0])
+    best = int(true_logprobs(model, prompt).argmax())
+    eos_model, _ = build_tiny("tiny-llama", seed=11)
+    lively(eos_model, 1)
+    with torch.no_grad():
+        head = eos_model.get_output_embeddings().weight
+        head[tok.eos_token_id] = head[best] * 1.3  # the end token becomes the greedy one here
+    ref = true_logprobs(eos_model, prompt)
+    assert int(ref.argmax()) == tok.eos_token_id
+    srv = OpenAIServer(eos_model, tok, llama_style=True, ids_prompts=False)
+    try:
+        with OpenAICloud(srv.url, tok, prompt="text", logprobs=8) as cloud:
+            out = cloud.prefill([prompt])
+            assert cloud._bias_eos and cloud.stats["eos_resolved"] == 1
+            assert int(out.ids[0, 0]) == tok.eos_token_id
+            check_sound(out, [prompt], eos_model, len(tok), exact_ids=False)
+            assert out.bound[0] < ref[tok.eos_token_id]  # unresolved, the leftover mass would bound above it
+    finally:
+        srv.close()
+
+
+def test_exact_sampling_is_refused(make):
+    cloud = make(prompt="ids")
+    with pytest.raises(OpenAICloudError, match="truncated sampling"):
+        cloud.full([0])
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    ("500", "answered HTTP 500"),
+    ("malformed", "malformed JSON"),
+    ("nologprobs", "without top_logprobs"),
+    ("slow", "did not answer within"),
+])
+def test_a_bad_server_gives_one_clear_error(make, server, tiny, fault, message):
+    cloud = make(prompt="ids", timeout=0.5)
+    server.fault = fault
+    with pytest.raises(OpenAICloudError, match=message) as err:
+        cloud.prefill([chat_ids(tiny[1], PROMPTS[0])])
+    assert server.url in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreachable_server_and_wrong_key(tiny):
+    model, tok = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(OpenAICloudError, match=f"cannot reach .*127.0.0.1:{port}"):
+        OpenAICloud(f"openai+http://127.0.0.1:{port}", tok, connect_timeout=2)
+    srv = OpenAIServer(model, tok, api_key="sk-test")
+    try:
+        with pytest.raises(OpenAICloudError, match="401"):
+            OpenAICloud(srv.url, tok, api_key="wrong")
+        with OpenAICloud(srv.url, tok, api_key="sk-test", prompt="ids") as cloud:
+            assert cloud.prefill([chat_ids(tok, PROMPTS[0])]).rows == 1
+    finally:
+        srv.close()
+    with pytest.raises(OpenAICloudError, match="prompt mode"):
+        OpenAICloud(srv.url, tok, prompt="tokens")
+    assert is_openai("openai+http://h:1") and is_openai("openai+https://h") and not is_openai("http://h:1")
