@@ -133,7 +133,8 @@ class OpenAICloud:
             self.k = e.limit
             return self._complete(seq, **extra)
         except OpenAICloudError as e:
-            if self.prompt_mode != "auto" or not any(f"HTTP {c}" in str(e) for c in (400, 422)):
+            refused = any(f"HTTP {c}" in str(e) for c in (400, 422)) or "answered HTTP" in str(e) and "prompt" in str(e)
+            if self.prompt_mode != "auto" or not refused:  # llama-cpp-python: HTTP 500, 'prompt' 'valid string'
                 raise
             log.info("%s refused a token-id prompt (%s); sending text prompts from now on", self.url, e)
             self.prompt_mode = "text"
