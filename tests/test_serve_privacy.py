@@ -14,7 +14,7 @@ import pytest
 
 from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
 from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.remote import RemoteCloud
+from pocketlm.steer.remote import RemoteCloud, RemoteTopK
 from pocketlm.steer.wire import op
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, raw_connect
 
@@ -23,7 +23,8 @@ SECRET = "My passphrase is XYZZY-PLUGH-7731; I live at 42 Quiet Lane, Tromso, an
 DISTINCTIVE = ["XYZZY", "PLUGH", "7731", "Quiet Lane", "Tromso", "Dr. Vell", "passphrase"]
 QUERIES = ["Write a short note to a friend.", "Plan my weekend."]
 FIELDS = {"open": {"op", "prompts", "expand", "max_new_tokens", "format"}, "step": {"op", "ids"},
-          "keep": {"op", "rows"}, "close": {"op"}}
+          "keep": {"op", "rows"}, "close": {"op"}, "exact": {"op", "rows", "ids"}, "full": {"op", "rows"}}
+TOPK_OPEN = FIELDS["open"] | {"topk", "columns"}
 HEADERS = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "authorization"}
 
 
@@ -112,13 +113,16 @@ def audit(stream: bytes, tok) -> tuple[list[dict], bool]:
             continue
         assert opcode == 0x1, "only JSON text goes up"
         msg = json.loads(payload)
-        assert set(msg) == FIELDS[msg["op"]], msg.keys()
-        id_lists = msg.get("prompts", []) + [msg.get("ids", []), msg.get("rows", []), msg.get("expand") or []]
+        assert set(msg) in (FIELDS[msg["op"]], TOPK_OPEN if msg["op"] == "open" else None), msg.keys()
+        ids = msg.get("ids", [])
+        ids = [i for row in ids for i in row] if msg["op"] == "exact" else ids
+        id_lists = msg.get("prompts", []) + [ids, msg.get("rows", []), msg.get("expand") or []]
         assert all(type(v) is int for ids in id_lists for v in ids)
         messages.append(msg)
     secret_ids = tok(SECRET, add_special_tokens=False)["input_ids"]
     sent = [m["prompts"] for m in messages if m["op"] == "open"]
-    seqs = [p for ps in sent for p in ps] + [[i for m in messages if m["op"] == "step" for i in m["ids"]]]
+    asked = [i for m in messages if m["op"] == "exact" for row in m["ids"] for i in row]  # top-k candidates
+    seqs = [p for ps in sent for p in ps] + [[i for m in messages if m["op"] == "step" for i in m["ids"]], asked]
     leak = any(contains(s, secret_ids[k:k + 6]) for s in seqs for k in range(len(secret_ids) - 5))
     return messages, leak
 
@@ -130,11 +134,11 @@ def proxy(serve_server):
     p.close()
 
 
-def generate_through(proxy, serve_pair, methods: str):
+def generate_through(proxy, serve_pair, methods: str, client=RemoteCloud, **kw):
     _, device, tok = serve_pair
     reqs = [SteerRequest(q, f"{SECRET}\n\n{q}") for q in QUERIES]
     ms = parse_methods(methods)
-    with RemoteCloud(proxy.url, TOKEN, tokenizer=tok) as rc:
+    with client(proxy.url, TOKEN, tokenizer=tok, **kw) as rc:
         engine = SteerEngine(rc, tok, device, tok, overlap=True)
         gens = engine.generate(reqs * (len(ms) // 2), ms, max_new_tokens=16)
         engine.close()
@@ -151,6 +155,18 @@ def test_uplink_holds_only_operations_and_public_token_ids(proxy, serve_pair):
     opens = [m for m in messages if m["op"] == "open"]
     assert len(opens) == 1 and {tuple(p) for p in opens[0]["prompts"]} == {tuple(chat_ids(tok, q)) for q in QUERIES}
     assert [m["op"] for m in messages][-1] == "close" and sum(m["op"] == "step" for m in messages) >= 15
+
+
+def test_topk_uplink_holds_only_operations_and_token_ids(proxy, serve_pair):
+    """The top-k downlink adds `exact` requests: they carry row indices and candidate ids (a side channel the
+    docs name: which tokens the device's delta favours), never the context's text or its id sequence."""
+    _, _, tok = serve_pair
+    gens = generate_through(proxy, serve_pair, "closed_form,plausible", client=RemoteTopK, k=2)
+    assert all(g.token_ids for g in gens)
+    (stream,) = proxy.up
+    messages, leak = audit(bytes(stream), tok)
+    assert not leak
+    assert any(m["op"] == "exact" for m in messages)  # the audit saw the extra requests
 
 
 def test_audit_catches_the_non_private_method(proxy, serve_pair):

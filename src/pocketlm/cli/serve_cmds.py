@@ -100,3 +100,41 @@ def bench_serve_cmd(
     console.print(table)
     if json_out:
         write_json(doc, json_out)
+
+
+@bench_app.command("downlink")
+def bench_downlink_cmd(
+    cloud: str = typer.Option("smollm2-135m", help="Cloud spec (served on loopback)."),
+    local: str = typer.Option("smollm2-135m", help="Device spec (same tokenizer)."),
+    ks: str = typer.Option("16,64,256", help="Top-k sizes to compare with full f32 rows."),
+    methods: str = typer.Option("closed_form,plausible,ada_costeer", help="Steering methods (greedy)."),
+    tokens: int = typer.Option(48, help="New tokens per generation at most."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    json_out: JsonOutOpt = None,
+) -> None:
+    """Bytes per token and certification of the top-k downlink vs full f32 rows (tokens must be identical)."""
+    _serve_imports()
+    from ..bench.downlink_bench import bench_downlink
+
+    _threads(threads)
+    try:
+        k_list = tuple(int(k) for k in ks.split(","))
+    except ValueError:
+        raise PocketLMError(f"--ks must be a comma list of integers, got {ks!r}") from None
+    doc = bench_downlink(cloud, local, ks=k_list, tokens=tokens, methods=methods, device=device, dtype=dtype)
+    doc.update(hardware=hardware(), torch=torch.__version__)
+    table = Table(title=f"downlink, cloud {cloud} / device {local} ({doc['vocab_rows']} rows), {methods}, greedy, "
+                        f"on {doc['hardware']}")
+    for col in ("format", "identical to f32", "bytes down/token", "÷ f32", "bytes up/token", "certified by top-k",
+                "ids asked/token"):
+        table.add_column(col, justify="right")
+    for name, r in doc["rows"].items():
+        table.add_row(name, f"{r['identical_to_f32']}/{r['generations']}", f"{r['down_per_token']:,.0f}",
+                      f"{r['down_ratio_vs_f32']:.4f}", f"{r['up_per_token']:,.0f}",
+                      f"{r['certified_share']:.1%}" if "certified_share" in r else "-",
+                      f"{r['exact_ids_per_token']:.2f}" if "exact_ids_per_token" in r else "-")
+    console.print(table)
+    if json_out:
+        write_json(doc, json_out)

@@ -70,8 +70,8 @@ def _words(text: str | None) -> list[str]:
     return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
-def _sampling(temperature: float, top_p: float, seed: int) -> Sampling:
-    return Sampling(temperature=temperature, top_p=top_p, seed=seed)
+def _sampling(temperature: float, top_p: float, seed: int, downlink: str = "exact") -> Sampling:
+    return Sampling(temperature=temperature, top_p=top_p, seed=seed, downlink=downlink)
 
 
 @app.command("steer")
@@ -82,7 +82,10 @@ def steer_cmd(
     local: str = typer.Option(..., help="On-device model spec (sees the private context)."),
     context: Path = typer.Option(None, help="Private context file (stays on the device)."),
     cloud_token: str = typer.Option(None, envvar="POCKETLM_CLOUD_TOKEN", help="Bearer token of the step server."),
-    cloud_format: str = typer.Option("f32", help="Step-server score format: f32 (exact) | f16 | bf16."),
+    cloud_format: str = typer.Option("f32", help="Step-server score format: f32 (exact) | f16 | bf16 | topk[:K] "
+                                     "(certified top-k downlink: greedy tokens equal f32's, ~8K bytes per token)."),
+    downlink_sampling: str = typer.Option("exact", help="With --cloud-format topk and --temperature > 0: exact "
+                                          "(fetch full rows) | truncated (sample among the top-k ids only)."),
     method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappa: float = typer.Option(None, help="Steering strength for closed_form/plausible/adaptive/ada_costeer."),
     max_new_tokens: MaxNewTokensOpt = 128,
@@ -114,7 +117,7 @@ def steer_cmd(
         raise PocketLMError(f"--signal {signal} steers with a personal model's adapters: give --adapters DIR")
     if m.needs_context and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} with signal {signal!r} needs --context FILE")
-    sampling = _sampling(temperature, top_p, seed)
+    sampling = _sampling(temperature, top_p, seed, downlink_sampling)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
                          adapters=str(adapters) if adapters else None, cloud_token=cloud_token,
                          cloud_format=cloud_format)

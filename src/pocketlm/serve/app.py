@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
 from ..steer.backend import eos_ids
-from ..steer.wire import FORMATS, OPS, PATH, PROTOCOL, tokenizer_fingerprint
+from ..steer.wire import FORMATS, MAX_TOPK, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
 from .batcher import BATCH_BUCKETS, Batcher, ServeError, Session, Work
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class SteerServer:
         self.vocab_rows = self.batcher.vocab_rows
         self.hello = {"server": "pocketlm", "protocol": PROTOCOL, "model": name, "vocab_rows": self.vocab_rows,
                       "eos_token_ids": sorted(eos_ids(model, tokenizer)),
-                      "tokenizer": tokenizer_fingerprint(tokenizer), "formats": list(FORMATS),
+                      "tokenizer": tokenizer_fingerprint(tokenizer), "formats": [*FORMATS, TOPK],
                       "limits": {"max_rows": limits.max_rows, "max_prompt_tokens": limits.max_prompt_tokens,
                                  "max_new_tokens": limits.max_new_tokens, "ttl_s": limits.ttl_s}}
         self._ids = itertools.count(1)
@@ -91,6 +91,16 @@ class SteerServer:
             return op, {"rows": rows}
         if op == "close":
             return op, {}
+        if op in ("exact", "full"):
+            rows = _ints(msg.get("rows"), "rows", 0, lim.max_rows)
+            if not rows:
+                raise ServeError(400, f"{op}: rows must name at least one live row")
+            if op == "full":
+                return op, {"rows": rows}
+            ids = msg.get("ids")
+            if not isinstance(ids, list) or len(ids) != len(rows):
+                raise ServeError(400, "exact: ids must be one list of ids per row")
+            return op, {"rows": rows, "ids": [_ints(i, "ids", 0, V) for i in ids]}
         prompts = msg.get("prompts")
         if not isinstance(prompts, list) or not prompts or len(prompts) > lim.max_rows:
             raise ServeError(400, f"prompts must be a list of 1..{lim.max_rows} token-id lists")
@@ -104,12 +114,21 @@ class SteerServer:
             if not 1 <= len(expand) <= lim.max_rows:
                 raise ServeError(400, f"expand must name 1..{lim.max_rows} rows")
         fmt = msg.get("format", "f32")
-        if fmt not in FORMATS:
-            raise ServeError(400, f"unknown format {fmt!r}; this server sends {', '.join(FORMATS)}")
+        if fmt not in FORMATS and fmt != TOPK:
+            raise ServeError(400, f"unknown format {fmt!r}; this server sends {', '.join([*FORMATS, TOPK])}")
+        topk = columns = None
+        if fmt == TOPK:
+            columns = msg.get("columns", V)
+            if type(columns) is not int or not 2 <= columns <= V:
+                raise ServeError(400, f"columns must be an integer in 2..{V}")
+            topk = msg.get("topk")
+            if type(topk) is not int or not 1 <= topk < min(columns, MAX_TOPK + 1):
+                raise ServeError(400, f"topk must be an integer in 1..{min(columns - 1, MAX_TOPK)}")
         n = msg.get("max_new_tokens", lim.max_new_tokens)
         if type(n) is not int or not 1 <= n <= lim.max_new_tokens:
             raise ServeError(400, f"max_new_tokens must be an integer in 1..{lim.max_new_tokens}")
-        return op, {"prompts": prompts, "expand": expand, "format": fmt, "max_new_tokens": n}
+        return op, {"prompts": prompts, "expand": expand, "format": fmt, "max_new_tokens": n, "topk": topk,
+                    "columns": columns}
 
     async def serve(self, ws: WebSocket) -> None:
         if not self.authorized(ws.headers.get("authorization")):

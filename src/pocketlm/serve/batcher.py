@@ -20,7 +20,8 @@ import torch
 
 from ..errors import PocketLMError
 from ..steer.prefill import unique_prompts
-from ..steer.wire import encode_scores
+from ..steer.topk import truncate
+from ..steer.wire import encode_scores, encode_topk
 from .pool import KVPool
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,21 @@ class Session:
     slots: list[int] = field(default_factory=list)
     fmt: str = "f32"
     budget: int = 0  # steps left
+    topk: int | None = None     # the top-k downlink: k, the columns it ranks, and this step's full rows
+    columns: int = 0
+    last: torch.Tensor | None = None  # [live rows, columns] fp32 on the CPU, for `exact` / `full`
+
+    def encode(self, logits: torch.Tensor) -> bytes:
+        """This session's frame of next-token logits `[rows, V]` (a top-k session keeps the rows for `exact`)."""
+        if self.topk is None:
+            return encode_scores(logits, self.fmt)
+        self.last = logits[:, : self.columns].float().cpu()
+        return encode_topk(truncate(self.last, self.topk))
 
 
 @dataclass
 class Work:
-    kind: str          # open | step | keep | close
+    kind: str          # open | step | keep | exact | full | close
     session: Session
     args: dict
     future: Future = field(default_factory=Future)
@@ -167,6 +178,7 @@ class Batcher:
         if len(rows) > self.pool.free:
             raise ServeError(503, f"server full: {len(rows)} rows asked, {self.pool.free} free")
         s.slots, s.fmt, s.budget = self.pool.take(len(rows)), a["format"], a["max_new_tokens"]
+        s.topk, s.columns, s.last = a.get("topk"), a.get("columns") or 0, None
         self.sessions[s.id] = s
         self.stats.sessions_opened += 1
         logits = []
@@ -174,7 +186,7 @@ class Batcher:
             mine = [slot for slot, r in zip(s.slots, rows, strict=True) if r == j]
             logits.append(self.pool.prefill(p, mine) if mine else None)
             self.stats.prefill_tokens += len(p)
-        return encode_scores(torch.cat([logits[r] for r in rows]), s.fmt)
+        return s.encode(torch.cat([logits[r] for r in rows]))
 
     def _keep(self, w: Work) -> None:
         s, rows = w.session, w.args["rows"]
@@ -185,6 +197,26 @@ class Batcher:
         kept = set(rows)
         self.pool.give_back([slot for r, slot in enumerate(s.slots) if r not in kept])
         s.slots = [s.slots[r] for r in rows]
+        if s.last is not None:
+            s.last = s.last[rows]
+
+    def _rows_of_last(self, w: Work) -> torch.Tensor:
+        s, rows = w.session, w.args["rows"]
+        if not s.slots or s.last is None:
+            raise ServeError(404, f"{w.kind}: no open top-k session on this connection")
+        if max(rows) >= len(s.slots):
+            raise ServeError(400, f"{w.kind}: row {max(rows)} out of range for {len(s.slots)} live rows")
+        return s.last
+
+    def _exact(self, w: Work) -> bytes:
+        last = self._rows_of_last(w)
+        if any(i >= w.session.columns for ids in w.args["ids"] for i in ids):
+            raise ServeError(400, f"exact: ids must be below the session's {w.session.columns} columns")
+        vals = [last[r, ids] for r, ids in zip(w.args["rows"], w.args["ids"], strict=True)]
+        return encode_scores(torch.cat(vals).view(1, -1), "f32")
+
+    def _full(self, w: Work) -> bytes:
+        return encode_scores(self._rows_of_last(w)[w.args["rows"]], "f32")
 
     def _close(self, w: Work) -> None:
         s = w.session
@@ -228,5 +260,5 @@ class Batcher:
         for w in ok:
             n = len(w.session.slots)
             w.session.budget -= 1
-            self._settle(w, encode_scores, logits[start:start + n], w.session.fmt)
+            self._settle(w, w.session.encode, logits[start:start + n])
             start += n

@@ -32,6 +32,7 @@ from .plan import DecodePlan, Generation, Sampling
 from .prefill import unique_prompts
 from .protocol import CloudBackend
 from .rules import StepView
+from .topk import PartialCloud, TopKLogits
 from .vocab import VocabAlign
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class SteerEngine:
         dev_rows = device_model.get_output_embeddings().weight.shape[0]
         cloud_rows = cloud.vocab_rows if cloud is not None else dev_rows
         self.align = VocabAlign.build(vocab, cloud_tok, device_tok, cloud_rows, dev_rows, slice_to_tokenizer)
+        self.partial = isinstance(cloud, PartialCloud)
+        if self.partial:  # a truncated downlink: the cloud must know the fused width to bound the rest
+            if self.align.mode != "shared":
+                raise PocketLMError("a top-k cloud downlink needs one shared vocabulary (vocab='shared')")
+            cloud.columns = self.align.size
+        self.downlink: dict | None = None  # the last generate()'s certification counts (top-k clouds only)
         self.cloud_eos = set(cloud.eos_token_ids) if cloud is not None else set()
         self.device_eos = eos_ids(device_model, device_tok)
         pad = device_tok.pad_token_id
@@ -143,7 +150,7 @@ class SteerEngine:
         sampling = sampling or Sampling()
         if max_new_tokens < 1:
             raise PocketLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        plan = DecodePlan(requests, methods, self.device_tok)
+        plan = DecodePlan(requests, methods, self.device_tok, cloud=self.cloud if self.partial else None)
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")
         gen = None
@@ -156,7 +163,8 @@ class SteerEngine:
         t_decode = self.clock.start_decode()
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            scores, steered = plan.fuse(self._view(cl, dev, plan.live), self.align.size)
+            scores, steered = plan.fuse(self._view(cl, dev, plan.live), self.align.size,
+                                        cl if isinstance(cl, TopKLogits) else None)
             tok = plan.choose(scores, sampling, gen, self.align.to_device)
             cloud_ids, dev_ids = self.align.to_cloud(tok), self.align.to_device(tok)
             self.clock.add("fusion", time.perf_counter() - t0)
@@ -182,6 +190,7 @@ class SteerEngine:
         for g in plan.gens:  # ids past the tokenizer only occur with random benchmark geometries
             g.text = self.device_tok.decode([t for t in g.token_ids if t < n_tok], skip_special_tokens=True)
         self.clock.end_decode(t_decode)
+        self.downlink = plan.downlink.as_dict() if self.partial else None
         return plan.gens
 
     def _prefill(self, requests, plan: DecodePlan, cloud, device, max_new_tokens: int):
@@ -208,8 +217,13 @@ class SteerEngine:
         """This step's aligned log-policies, normalised once and shared by every method in the batch."""
         def norm(t, view):
             return None if t is None else log_policy(view(t))
-        return StepView(norm(cl, self.align.cloud_view), norm(dev.ctx if dev else None, self.align.device_view),
-                        norm(dev.plain if dev else None, self.align.device_view), live)
+        known = None
+        if isinstance(cl, TopKLogits):  # unknown ids at the bound; already log-probabilities (certify.py)
+            cloud, known = cl.dense(self.align.size, device=next(self.device_model.parameters()).device)
+        else:
+            cloud = norm(cl, self.align.cloud_view)
+        return StepView(cloud, norm(dev.ctx if dev else None, self.align.device_view),
+                        norm(dev.plain if dev else None, self.align.device_view), live, known)
 
     def _eos_check(self, cloud_ids: list[int], dev_ids: list[int], cl, plan: DecodePlan):
         def is_eos(p: int, r: int) -> bool:

@@ -148,10 +148,12 @@ class AdaGate:
         self.run = torch.zeros(batch, dtype=torch.long)
         self.active = torch.ones(batch, dtype=torch.bool)
 
-    def update(self, cloud: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed this step's cloud logits `[b, V]`; return which of these rows are still steered now."""
+    def update(self, cloud: torch.Tensor, rows: torch.Tensor | None = None, normalised: bool = False) -> torch.Tensor:
+        """Feed this step's cloud logits `[b, V]` (`normalised=True`: a log-policy already, whose unknown entries
+        may be upper bounds, so it must not be renormalised); return which rows are still steered now."""
         rows = torch.arange(cloud.shape[0]) if rows is None else rows.cpu()
-        u = (1.0 - log_policy(cloud).max(dim=-1).values.exp()).cpu()
+        top = cloud.max(dim=-1).values if normalised else log_policy(cloud).max(dim=-1).values
+        u = (1.0 - top.exp()).cpu()
         self.run[rows] = torch.where(u < self.threshold, self.run[rows] + 1, torch.zeros_like(u, dtype=torch.long))
         self.active[rows] &= self.run[rows] < self.patience
         return self.active[rows].to(cloud.device)

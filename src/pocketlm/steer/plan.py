@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PocketLMError
+from .certify import SAMPLING_MODES, Certifier, DownlinkStats
 from .fusion import NEG
 from .methods import Method
 from .rules import StepView
@@ -22,15 +23,20 @@ MAX_GUARD_REJECTIONS = 256  # per row and step; past it the row ends (finish='gu
 
 @dataclass
 class Sampling:
-    """temperature 0 = greedy argmax; otherwise softmax(scores / temperature) with top-p, seeded."""
+    """temperature 0 = greedy argmax; otherwise softmax(scores / temperature) with top-p, seeded. `downlink`:
+    how sampling treats a top-k cloud step (certify.py): `exact` fetches the full rows, `truncated` samples
+    among the top-k ids only."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    downlink: str = "exact"
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise PocketLMError(f"bad sampling settings: temperature={self.temperature}, top_p={self.top_p}")
+        if self.downlink not in SAMPLING_MODES:
+            raise PocketLMError(f"downlink sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.downlink!r}")
 
     def choose(self, scores: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         if self.temperature == 0:
@@ -66,7 +72,7 @@ class _Group:
 class DecodePlan:
     """Rows of one `generate()` call, grouped by method; `live` maps live positions to request indices."""
 
-    def __init__(self, requests: list, methods: list[Method], tokenizer):
+    def __init__(self, requests: list, methods: list[Method], tokenizer, cloud=None):
         if len(requests) != len(methods) or not requests:
             raise PocketLMError("generate() needs one method per request and at least one request")
         for r, m in zip(requests, methods, strict=True):
@@ -86,6 +92,9 @@ class DecodePlan:
                                       torch.tensor(idx)))
         self.guarded = any(g.guards for g in self.groups)
         self._fallback: torch.Tensor | None = None
+        self.cloud = cloud                      # a PartialCloud answers for ids a truncated step left out
+        self.downlink = DownlinkStats()
+        self.certifier: Certifier | None = None
         self.blocked: set[int] = set()
         self.uses_cloud = any(m.cloud_prompt for m in methods)
         self.uses_plain = any(m.rule.needs_plain for m in methods)
@@ -104,19 +113,38 @@ class DecodePlan:
                 out.append((g, pos))
         return out
 
-    def fuse(self, view: StepView, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores `[live, V]` and steered flags `[live]` from each group's rule on its rows."""
+    def fuse(self, view: StepView, vocab: int, top=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores `[live, V]` and steered flags `[live]` from each group's rule on its rows. `top`: the live rows'
+        `TopKLogits` when the cloud step came down truncated (`view.cloud` is then filled with its bounds)."""
         ref = next(t for t in (view.cloud, view.ctx, view.plain) if t is not None)
         self._fallback = view.cloud if view.cloud is not None else view.ctx  # what a guard falls back to
         scores = torch.empty(self.live.numel(), vocab, device=ref.device)
         steered = torch.zeros(self.live.numel(), dtype=torch.bool)
+        floors = torch.full((self.live.numel(),), float("-inf"), device=ref.device)
+        uses_cloud = torch.zeros(self.live.numel(), dtype=torch.bool)
         for g, pos in self._positions():
-            scores[pos.to(ref.device)], steered[pos] = g.rule.fuse(view.select(pos.to(ref.device)))
+            sub = view.select(pos.to(ref.device))
+            scores[pos.to(ref.device)], steered[pos] = g.rule.fuse(sub)
+            if top is not None and g.rule.cloud_prompt is not None:
+                uses_cloud[pos] = True
+                floor = g.rule.cloud_floor(sub.cloud)
+                if floor is not None:
+                    floors[pos.to(ref.device)] = floor
+        self.certifier = None
+        if top is not None:
+            lse = top.lse.to(ref.device, torch.float32)
+            self.certifier = Certifier(self.cloud, scores, view.cloud, view.known, top.bound.to(ref.device) - lse,
+                                       lse, floors, uses_cloud, self.downlink)
         return scores, steered
 
     def choose(self, scores: torch.Tensor, sampling: Sampling, gen, to_device) -> torch.Tensor:
         """Fused-vocabulary token per live row; guarded rows re-choose while a guard refuses. A row whose every
         candidate a guard refuses is marked blocked (it finishes with finish='guard': nothing leaks)."""
+        if self.certifier is not None:
+            self.certifier.prepare(sampling)
+            if sampling.temperature == 0:
+                for p in range(scores.shape[0]):
+                    self.certifier.settle(p, scores[p])
         tok = sampling.choose(scores, gen)
         self.blocked: set[int] = set()
         if not self.guarded:
@@ -128,7 +156,7 @@ class DecodePlan:
             for p in pos.tolist():
                 r = int(self.live[p])
                 fallback = self._fallback[p:p + 1] if self._fallback is not None else None
-                chosen = self._guarded_choice(g, r, scores[p:p + 1], fallback, tok[p], dev[p], sampling, gen,
+                chosen = self._guarded_choice(g, r, p, scores[p:p + 1], fallback, tok[p], dev[p], sampling, gen,
                                               to_device)
                 if chosen is None:
                     self.blocked.add(p)
@@ -136,7 +164,17 @@ class DecodePlan:
                     tok[p] = chosen
         return tok
 
-    def _guarded_choice(self, g: _Group, r: int, row_scores, fallback, tok, dev_tok, sampling, gen, to_device):
+    def _without(self, p: int, row_scores: torch.Tensor, rejected: list[int]) -> torch.Tensor:
+        """`[1, V]` row scores with the refused tokens removed (and, for a truncated cloud step, the next winner
+        certified first: settling corrects `row_scores` in place)."""
+        if self.certifier is not None:
+            self.certifier.settle(p, row_scores[0], rejected)
+        masked = row_scores.clone()
+        masked[0, rejected] = float("-inf")
+        return masked
+
+    def _guarded_choice(self, g: _Group, r: int, p: int, row_scores, fallback, tok, dev_tok, sampling, gen,
+                        to_device):
         """Mask refused tokens and choose again; once the rule's own candidates run out (e.g. the plausibility
         mask leaves one token), continue from the base policy (the cloud's, else the device's)."""
         row_in_group = int((g.rows == r).nonzero()[0])
@@ -147,14 +185,12 @@ class DecodePlan:
                 return tok
             self.gens[r].guard_rejections += 1
             rejected.append(int(tok))
-            masked = row_scores.clone()
-            masked[0, rejected] = float("-inf")
+            masked = self._without(p, row_scores, rejected)
             if not bool((masked[0] > NEG).any()):
                 if fallback is None or row_scores is fallback:
                     return None
                 row_scores = fallback
-                masked = fallback.clone()
-                masked[0, rejected] = float("-inf")
+                masked = self._without(p, fallback, rejected)
                 if not bool((masked[0] > NEG).any()):
                     return None
             tok = sampling.choose(masked, gen)[0]

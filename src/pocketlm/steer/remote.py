@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect
 
 from . import wire
+from .certify import NotCertifiable
 from .wire import RemoteCloudError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class RemoteCloud:
         why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd is not None else "no close frame"
         return RemoteCloudError(f"connection to the step server at {self.url} lost ({why})")
 
+    def _open_fields(self) -> dict:
+        return {"format": self.format}
+
     def _scores(self) -> torch.Tensor:
         msg = self._recv()
         if isinstance(msg, str):
@@ -120,7 +124,7 @@ class RemoteCloud:
 
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
         self._send(wire.op("open", prompts=[list(map(int, p)) for p in prompts], expand=expand,
-                           max_new_tokens=self._new_tokens, format=self.format))
+                           max_new_tokens=self._new_tokens, **self._open_fields()))
         return self._scores()
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -142,3 +146,36 @@ class RemoteCloud:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RemoteTopK(RemoteCloud):
+    """`RemoteCloud` with the certified top-k downlink (a `PartialCloud`): each step brings the k best ids and
+    their logits plus a bound, about 8k bytes per row instead of 4V; the engine asks `exact` for the few ids the
+    top-k cannot rule out (steer/certify.py), so greedy tokens equal the full-vocabulary ones. Those candidate
+    ids go up and say which tokens the device's delta favours; `ask=False` never sends them (such a step takes
+    the best known token and counts as uncertified)."""
+
+    def __init__(self, url: str, token: str | None = None, *, k: int = 64, ask: bool = True, **kw):
+        super().__init__(url, token, **kw)
+        if wire.TOPK not in self.info.get("formats", []):
+            raise RemoteCloudError(f"the step server at {url} has no top-k downlink (formats: {self.info.get('formats')})")
+        if not 1 <= k <= wire.MAX_TOPK:
+            raise RemoteCloudError(f"top-k must be in 1..{wire.MAX_TOPK}, got {k}")
+        self.k, self.ask = k, ask
+        self.columns = self.vocab_rows  # the engine narrows it to the fused vocabulary
+
+    def _open_fields(self) -> dict:
+        return {"format": wire.TOPK, "topk": self.k, "columns": self.columns}
+
+    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+        if not self.ask:
+            raise NotCertifiable("candidate ids stay on the device (topk:K:noexact)")
+        self._send(wire.op("exact", rows=list(rows), ids=[list(map(int, i)) for i in ids]))
+        flat = self._scores().view(-1)
+        return list(flat.split([len(i) for i in ids]))
+
+    def full(self, rows: list[int]) -> torch.Tensor:
+        if not self.ask:
+            raise NotCertifiable("full rows are not fetched with topk:K:noexact")
+        self._send(wire.op("full", rows=list(rows)))
+        return self._scores()

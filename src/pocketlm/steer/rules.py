@@ -31,6 +31,7 @@ class StepView:
     ctx: torch.Tensor | None
     plain: torch.Tensor | None
     rows: torch.Tensor
+    known: torch.Tensor | None = None  # [n, V] bool where the cloud came down truncated (topk.py); else None
 
     @property
     def delta(self) -> torch.Tensor:
@@ -41,7 +42,7 @@ class StepView:
         """The rows at positions `pos` (a device tensor) of this view."""
         def pick(t):
             return None if t is None else t[pos]
-        return StepView(pick(self.cloud), pick(self.ctx), pick(self.plain), self.rows[pos.cpu()])
+        return StepView(pick(self.cloud), pick(self.ctx), pick(self.plain), self.rows[pos.cpu()], pick(self.known))
 
 
 def _check(ok: bool, what: str) -> None:
@@ -86,6 +87,11 @@ class FusionRule:
     def fuse(self, view: StepView) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores `[n, V]` to choose from, which rows were steered `[n]` bool on the CPU)."""
         raise NotImplementedError
+
+    def cloud_floor(self, cloud: torch.Tensor) -> torch.Tensor | None:
+        """`[n]`: the cloud log-probability below which this rule drops a token whatever the device says (None:
+        no such mask). Certifying a truncated cloud step (certify.py) re-applies it to ids fetched exactly."""
+        return None
 
     def kappa_value(self) -> float | None:
         """The equivalent closed-form kappa (None for rules that do not steer)."""
@@ -187,6 +193,9 @@ class Plausible(ClosedForm):
         super().validate()
         _check(0 < self.a <= 1, f"plausibility threshold must be in (0, 1], got {self.a}")
 
+    def cloud_floor(self, cloud):
+        return cloud.max(dim=-1).values + math.log(self.a)
+
     def fuse(self, view):
         return F.plausible_bd(view.cloud, view.delta, self.kappa, self.a), self._all(view, True)
 
@@ -233,7 +242,7 @@ class Gated(ClosedForm):
         return self.state.active[rows.cpu()].clone()
 
     def fuse(self, view):
-        on = self.state.update(view.cloud, view.rows)
+        on = self.state.update(view.cloud, view.rows, normalised=True)
         out = view.cloud.clone()
         if bool(on.any()):
             out[on] = F.closed_form_bd(view.cloud[on], view.delta[on], self.kappa)

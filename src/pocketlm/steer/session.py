@@ -9,7 +9,7 @@ from ..models import load_model
 from ..moe.personal import load_personal
 from .backend import HFCloudBackend
 from .decoding import SteerEngine
-from .wire import is_remote
+from .wire import TOPK, is_remote, topk_of
 
 
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
@@ -22,15 +22,21 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     One spec for both roles loads one model.
     `overlap=None`: on for a step server (the device steps while the cloud's answer is on the wire), else off.
     `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`): the device becomes that user's
-    personal model (the base tensors stay shared with the cloud when both specs name one model)."""
+    personal model (the base tensors stay shared with the cloud when both specs name one model).
+    `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
+    downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up)."""
     if is_remote(cloud_spec):
-        from .remote import RemoteCloud  # the `serve` extra
+        from .remote import RemoteCloud, RemoteTopK  # the `serve` extra
 
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
             dev_model = load_personal(dev_model, adapters)
         token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
-        cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
+        if cloud_format.startswith(TOPK):
+            k, ask = topk_of(cloud_format)
+            cloud = RemoteTopK(cloud_spec, token, tokenizer=dev_tok, k=k, ask=ask)
+        else:
+            cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
         return SteerEngine(cloud, dev_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
                            slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv)
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)

@@ -75,3 +75,64 @@ class PartialCloud(CloudBackend, Protocol):
     def full(self, rows: list[int]) -> torch.Tensor:
         """The full `[len(rows), columns]` score rows (exact sampling); a backend that cannot raises
         PocketLMError naming the truncated mode."""
+
+
+def truncate(logits: torch.Tensor, k: int, columns: int | None = None) -> TopKLogits:
+    """The top-k of `[B, V]` logits over their first `columns` columns, the (k+1)-th value as the bound and the
+    row's logsumexp over those columns (what a step server sends for a `topk` downlink)."""
+    x = logits[:, :columns].float() if columns else logits.float()
+    if not 1 <= k < x.shape[-1]:
+        raise PocketLMError(f"top-k must be in 1..{x.shape[-1] - 1}, got {k}")
+    vals, ids = x.topk(k + 1, dim=-1)
+    return TopKLogits(ids[:, :k], vals[:, :k], vals[:, k], torch.logsumexp(x, dim=-1))
+
+
+class TruncatedCloud:
+    """Any dense `CloudBackend` seen through a top-k downlink, in process: the reference for what a step
+    server's `topk` format sends, used to test certification and to measure how often it holds."""
+
+    def __init__(self, inner, k: int):
+        self.inner, self.k = inner, k
+        self.columns = inner.vocab_rows
+        self._last: torch.Tensor | None = None
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.inner.vocab_rows
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.inner.eos_token_ids
+
+    def cache_modes(self) -> tuple[str, ...]:
+        return self.inner.cache_modes()
+
+    def set_cache_mode(self, mode: str) -> None:
+        self.inner.set_cache_mode(mode)
+
+    def reserve(self, new_tokens: int) -> None:
+        self.inner.reserve(new_tokens)
+
+    def _cut(self, logits: torch.Tensor) -> TopKLogits:
+        self._last = logits[:, : self.columns].float()
+        return truncate(self._last, self.k)
+
+    def prefill(self, prompts, expand=None) -> TopKLogits:
+        return self._cut(self.inner.prefill(prompts, expand))
+
+    def step(self, token_ids: torch.Tensor) -> TopKLogits:
+        return self._cut(self.inner.step(token_ids))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.inner.keep(rows)
+        self._last = self._last[rows.to(self._last.device)]
+
+    def release(self) -> None:
+        self.inner.release()
+        self._last = None
+
+    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+        return [self._last[r, torch.tensor(i, dtype=torch.long, device=self._last.device)] for r, i in zip(rows, ids, strict=True)]
+
+    def full(self, rows: list[int]) -> torch.Tensor:
+        return self._last[torch.tensor(rows, dtype=torch.long, device=self._last.device)]

@@ -4,15 +4,21 @@ One WebSocket per client. After the handshake the server sends a `hello` (JSON t
 JSON text ops and the server answers `open` and `step` with one binary scores frame each:
 
   up    {"op": "open", "prompts": [[id, ...], ...], "expand": [i, ...] | null, "max_new_tokens": n, "format": "f32"}
+        {"op": "open", ..., "format": "topk", "topk": k, "columns": n}   the certified top-k downlink
         {"op": "step", "ids": [id, ...]}        one chosen id per live row
         {"op": "keep", "rows": [r, ...]}        strictly increasing live-row indices (no reply)
+        {"op": "exact", "rows": [r, ...], "ids": [[id, ...], ...]}   topk only: this step's exact logits of a few ids
+        {"op": "full", "rows": [r, ...]}        topk only: this step's full rows (exact sampling)
         {"op": "close"}                         end the session (no reply); a new `open` may follow
   down  binary: HEADER (magic, version, format code, rows, cols) + payload; errors: JSON {"error", "code"}
 
 The uplink is token ids and session operations only (the privacy audit test parses every byte of it). The
 payload format is named by the client at `open`: full-vocabulary `f32` (exact, the default), `f16` or `bf16`
-(half the bytes; greedy choices may flip at near-ties). A top-k downlink is one more format code with its own
-payload layout (ids + values); the header already carries the code.
+(half the bytes; greedy choices may flip at near-ties), or `topk`: per row the k best ids (int32) and their
+logits (f32) over the first `columns` columns, then the (k+1)-th logit (the bound no other id exceeds) and the
+row's logsumexp (f32), about 8k + 8 bytes per row instead of 4V. The device certifies its greedy choice from
+that and asks `exact` for the few ids it cannot rule out (`steer/certify.py`); answers to `exact` / `full` are
+`f32` frames (`exact`: one row of all asked ids in order).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import struct
 import torch
 
 from ..errors import PocketLMError
+from .topk import TopKLogits
 
 PROTOCOL = 1
 PATH = "/v1/steer"
@@ -31,7 +38,8 @@ MAGIC = b"PLMS"
 HEADER = struct.Struct("<4sHHII")  # magic, protocol, format code, rows, cols
 FORMATS = {"f32": (1, torch.float32), "f16": (2, torch.float16), "bf16": (3, torch.bfloat16)}
 _BY_CODE = {code: (name, dtype) for name, (code, dtype) in FORMATS.items()}
-OPS = ("open", "step", "keep", "close")
+TOPK, TOPK_CODE, MAX_TOPK = "topk", 4, 4096
+OPS = ("open", "step", "keep", "exact", "full", "close")
 
 
 class RemoteCloudError(PocketLMError):
@@ -41,6 +49,16 @@ class RemoteCloudError(PocketLMError):
 def is_remote(spec: str) -> bool:
     """A cloud spec naming a step server (http://HOST:PORT) rather than a model."""
     return spec.startswith(("http://", "https://", "ws://", "wss://"))
+
+
+def topk_of(fmt: str, default: int = 64) -> tuple[int, bool]:
+    """(K, ask) of a `topk`, `topk:K` or `topk:K:noexact` format name (the CLI's `--cloud-format`). `noexact`:
+    never send candidate ids up; a step the top-k cannot certify takes the best known token (counted)."""
+    parts = fmt.split(":")
+    k, flag = (parts + ["", ""])[1:3]
+    if parts[0] != TOPK or len(parts) > 3 or (k and not k.isdigit()) or flag not in ("", "noexact"):
+        raise RemoteCloudError(f"unknown score format {fmt!r}; use f32, f16, bf16, topk, topk:K or topk:K:noexact")
+    return (int(k) if k else default), flag != "noexact"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -61,11 +79,31 @@ def encode_scores(scores: torch.Tensor, fmt: str) -> bytes:
     return HEADER.pack(MAGIC, PROTOCOL, code, rows, cols) + data.numpy().tobytes()
 
 
-def decode_scores(frame: bytes) -> torch.Tensor:
-    """A binary scores frame back to fp32 `[B, V]` scores."""
+def encode_topk(top: TopKLogits) -> bytes:
+    """A `TopKLogits` as one binary frame: ids int32 `[B, k]`, scores f32 `[B, k]`, bound f32 `[B]`, lse f32 `[B]`."""
+    rows, k = top.ids.shape
+    parts = [top.ids.to("cpu", torch.int32), top.scores.to("cpu", torch.float32), top.bound.to("cpu", torch.float32),
+             top.lse.to("cpu", torch.float32)]
+    return HEADER.pack(MAGIC, PROTOCOL, TOPK_CODE, rows, k) + b"".join(t.contiguous().numpy().tobytes() for t in parts)
+
+
+def _decode_topk(frame: bytes, rows: int, k: int) -> TopKLogits:
+    if len(frame) != HEADER.size + rows * (8 * k + 8):
+        raise RemoteCloudError(f"step server sent {len(frame)} bytes for a {rows}x{k} top-k frame")
+    body = bytearray(frame[HEADER.size:])
+    n = rows * k
+    ids = torch.frombuffer(body, dtype=torch.int32, count=n).view(rows, k).long()
+    vals = torch.frombuffer(body, dtype=torch.float32, count=n + 2 * rows, offset=4 * n)
+    return TopKLogits(ids, vals[:n].view(rows, k), vals[n:n + rows], vals[n + rows:])
+
+
+def decode_scores(frame: bytes) -> torch.Tensor | TopKLogits:
+    """A binary scores frame back to fp32 `[B, V]` scores (or a `TopKLogits` for a top-k frame)."""
     if len(frame) < HEADER.size:
         raise RemoteCloudError(f"step server sent a {len(frame)}-byte frame, shorter than a header")
     magic, proto, code, rows, cols = HEADER.unpack_from(frame)
+    if magic == MAGIC and proto == PROTOCOL and code == TOPK_CODE:
+        return _decode_topk(frame, rows, cols)
     if magic != MAGIC or proto != PROTOCOL or code not in _BY_CODE:
         raise RemoteCloudError(f"step server sent an unknown frame (magic {magic!r}, protocol {proto}, format {code})")
     _, dtype = _BY_CODE[code]
