@@ -16,8 +16,12 @@ import torch
 from openai_fixtures import OpenAIServer
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
-from pocketlm.steer.decoding import chat_ids
+from pocketlm.steer.backend import HFCloudBackend
+from pocketlm.steer.certify import NotCertifiable as StepNotCertifiable
+from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
+from pocketlm.steer.methods import parse_methods
 from pocketlm.steer.openai_cloud import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
+from pocketlm.steer.session import load_engine
 from serve_fixtures import lively
 
 PROMPTS = ["Tell me about the sea.", "What is a boat?", "Name a fish."]
@@ -211,8 +215,9 @@ def test_llama_style_end_tokens_are_resolved(tiny):
 
 def test_exact_sampling_is_refused(make):
     cloud = make(prompt="ids")
-    with pytest.raises(OpenAICloudError, match="truncated sampling"):
+    with pytest.raises(NotCertifiable, match="truncated mode"):
         cloud.full([0])
+    assert issubclass(NotCertifiable, StepNotCertifiable)  # what the engine catches (certify.py)
 
 
 @pytest.mark.parametrize(("fault", "message"), [
@@ -247,3 +252,26 @@ def test_unreachable_server_and_wrong_key(tiny):
     with pytest.raises(OpenAICloudError, match="prompt mode"):
         OpenAICloud(srv.url, tok, prompt="tokens")
     assert is_openai("openai+http://h:1") and is_openai("openai+https://h") and not is_openai("http://h:1")
+
+
+def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair):
+    """The engine certifies each greedy token from the server's top-K (asking exact log-probs by echo when the
+    top-K cannot rule an id out): tokens equal steering with the cloud model in process."""
+    cloud_model, device, tok = serve_pair
+    methods = parse_methods("cloud,closed_form,plausible,costeer")
+    reqs = [SteerRequest.with_context(q, "I am Ann, a baker; I love the sea and boats.") for q in PROMPTS[:2] * 2]
+    ref = SteerEngine(HFCloudBackend(cloud_model, tok), tok, device, tok).generate(reqs, methods, max_new_tokens=10)
+    srv = OpenAIServer(cloud_model, tok)
+    try:
+        engine = load_engine("openai+" + srv.url, "tiny-device", loader=lambda spec, **kw: (device, tok),
+                             cloud_prompt="ids", cloud_logprobs=8)
+        engine.cloud.max_exact = len(tok)  # a flat random model needs many ids checked; all must be exact here
+        out = engine.generate(reqs, methods, max_new_tokens=10)
+        assert isinstance(engine.cloud, OpenAICloud) and engine.cloud.prompt_mode == "ids"
+        assert [g.token_ids for g in out] == [g.token_ids for g in ref]
+        assert engine.downlink["uncertified"] == 0 and engine.downlink["rows"] > 0
+        assert engine.cloud.stats["exact_requests"] > 0
+        engine.close()
+        engine.cloud.close()
+    finally:
+        srv.close()

@@ -50,11 +50,12 @@ def is_openai(spec: str) -> bool:
 class OpenAICloud:
     """`PartialCloud` over `/v1/completions`. `tokenizer`: the device's (the same model's tokenizer as the
     server's). `logprobs`: K per step (lowered once to the server's cap when it names one). `prompt`:
-    auto | ids | text. `api_key`: sent as a bearer token (default: env POCKETLM_OPENAI_KEY)."""
+    auto | ids | text. `api_key`: sent as a bearer token (default: env POCKETLM_OPENAI_KEY). `max_exact`: a row
+    needing more echo requests than this in one step is left uncertified (one request per id)."""
 
     def __init__(self, url: str, tokenizer, *, api_key: str | None = None, logprobs: int = 20,
                  prompt: str = "auto", model: str | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 10.0, concurrency: int = 4):
+                 connect_timeout: float = 10.0, concurrency: int = 4, max_exact: int = 32):
         if prompt not in PROMPT_MODES:
             raise OpenAICloudError(f"unknown prompt mode {prompt!r}; choose from {', '.join(PROMPT_MODES)}")
         if logprobs < 1:
@@ -62,7 +63,7 @@ class OpenAICloud:
         self.url = url.removeprefix(SCHEME)
         self.http = Transport(self.url, api_key or os.environ.get("POCKETLM_OPENAI_KEY"),
                               timeout=timeout, connect_timeout=connect_timeout)
-        self.tokenizer, self.k, self.prompt_mode = tokenizer, logprobs, prompt
+        self.tokenizer, self.k, self.prompt_mode, self.max_exact = tokenizer, logprobs, prompt, max_exact
         self.vocab_rows = self.columns = len(tokenizer)
         self.eos_token_ids = eos_ids(None, tokenizer)
         served = [m.get("id") for m in self.http.call("GET", "/v1/models").get("data", []) if isinstance(m, dict)]
@@ -289,14 +290,17 @@ class OpenAICloud:
         """Exact log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's
         answer, the others by echo requests (concurrently). Raises `NotCertifiable` when one cannot be had."""
         jobs = [(r, c) for r, cs in zip(rows, ids, strict=True) for c in cs if c not in self._tops[r].known]
+        if len(jobs) > self.max_exact * len(rows):
+            raise NotCertifiable(f"{len(jobs)} ids to ask for {len(rows)} row(s), more than max_exact={self.max_exact} "
+                                 "echo requests per row")
         got = dict(zip(jobs, self._pool.map(lambda rc: self._echo(self._seqs[rc[0]], rc[1], self._tops[rc[0]]),
                                              jobs), strict=True))
         return [torch.tensor([self._tops[r].known.get(c, got.get((r, c), math.nan)) for c in cs],
                              dtype=torch.float32) for r, cs in zip(rows, ids, strict=True)]
 
     def full(self, rows: list[int]) -> torch.Tensor:
-        raise OpenAICloudError(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the full "
-                               "distribution; decode greedily (certified) or use the truncated sampling mode")
+        raise NotCertifiable(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the full "
+                             "distribution; decode greedily (certified) or sample in the truncated mode")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -12,9 +12,8 @@ import logging
 import re
 import threading
 
-import httpx
-
 from ..errors import PocketLMError
+from .certify import NotCertifiable as StepNotCertifiable
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +22,10 @@ class OpenAICloudError(PocketLMError):
     """The OpenAI-compatible server could not be reached, refused a request, or answered without log-probs."""
 
 
-class NotCertifiable(OpenAICloudError):
+class NotCertifiable(OpenAICloudError, StepNotCertifiable):
     """`exact()` cannot give a sound exact score for an id (the server re-tokenizes the candidate differently,
-    or its echoed log-probs do not line up with its step log-probs): the engine should choose the best known
-    token and count the step as uncertified."""
+    its echoed log-probs do not line up with its step log-probs, or too many ids were asked), or `full()` was
+    asked: the engine (certify.py) takes the best known token and counts the step as uncertified."""
 
 
 class LogprobsCapped(OpenAICloudError):
@@ -45,6 +44,9 @@ class Transport:
     `bytes_up` / `bytes_down` (JSON bodies, not HTTP headers) and `requests`."""
 
     def __init__(self, base: str, api_key: str | None, *, timeout: float, connect_timeout: float):
+        import httpx  # the `serve` extra
+
+        self._errors = (httpx.TimeoutException, httpx.HTTPError)
         base = base.rstrip("/")
         self.base = base.removesuffix("/v1")
         self.timeout = timeout
@@ -66,10 +68,10 @@ class Transport:
         try:
             r = self._client.request(method, url, content=data or None,
                                      headers={"Content-Type": "application/json"} if data else None)
-        except httpx.TimeoutException:
+        except self._errors[0]:
             raise OpenAICloudError(f"the OpenAI-compatible server at {url} did not answer within "
                                    f"{self.timeout:g} s") from None
-        except httpx.HTTPError as e:
+        except self._errors[1] as e:
             raise OpenAICloudError(f"cannot reach an OpenAI-compatible server at {url}: "
                                    f"{type(e).__name__}: {e}") from None
         self._count(len(data), len(r.content))

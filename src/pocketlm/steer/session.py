@@ -9,6 +9,7 @@ from ..models import load_model
 from ..moe.personal import load_personal
 from .backend import HFCloudBackend
 from .decoding import SteerEngine
+from .openai_cloud import is_openai
 from .wire import TOPK, is_remote, topk_of
 
 
@@ -16,7 +17,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
                 vocab: str = "shared", fuse_device_streams: bool = True, seed: int = 0,
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
                 overlap: bool | None = None, kv: str = "auto", cloud_token: str | None = None,
-                cloud_format: str = "f32", adapters: str | None = None) -> SteerEngine:
+                cloud_format: str = "f32", adapters: str | None = None, cloud_logprobs: int = 20,
+                cloud_prompt: str = "auto") -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
     knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
     One spec for both roles loads one model.
@@ -25,18 +27,23 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     personal model (the base tensors stay shared with the cloud when both specs name one model).
     `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
     downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up)."""
-    if is_remote(cloud_spec):
-        from .remote import RemoteCloud, RemoteTopK  # the `serve` extra
-
+    if is_remote(cloud_spec) or is_openai(cloud_spec):
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
             dev_model = load_personal(dev_model, adapters)
         token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
-        if cloud_format.startswith(TOPK):
-            k, ask = topk_of(cloud_format)
-            cloud = RemoteTopK(cloud_spec, token, tokenizer=dev_tok, k=k, ask=ask)
+        if is_openai(cloud_spec):
+            from .openai_cloud import OpenAICloud  # httpx: the `serve` extra
+
+            cloud = OpenAICloud(cloud_spec, dev_tok, api_key=token, logprobs=cloud_logprobs, prompt=cloud_prompt)
         else:
-            cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
+            from .remote import RemoteCloud, RemoteTopK  # the `serve` extra
+
+            if cloud_format.startswith(TOPK):
+                k, ask = topk_of(cloud_format)
+                cloud = RemoteTopK(cloud_spec, token, tokenizer=dev_tok, k=k, ask=ask)
+            else:
+                cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
         return SteerEngine(cloud, dev_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
                            slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv)
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
