@@ -118,18 +118,26 @@ def test_text_prompts_read_ambiguous_pieces_soundly(make, tiny):
     assert cloud.stats["text_prompts"] == 5 and cloud.stats["retokenized"] == 0
 
 
-def test_exact_gives_the_true_logprob(make, tiny):
+@pytest.mark.parametrize(("max_logprobs", "via"), [(50, "exact_requests"), (300, "wide_requests")])
+def test_exact_gives_the_true_logprob(tiny, max_logprobs, via):
+    """A server that allows a wide logprobs (llama.cpp) answers from one wider request per row; one that caps it
+    (vLLM's default 20) from echo requests, one per id."""
     model, tok = tiny
-    cloud = make(prompt="ids", logprobs=5)
-    prompts = [chat_ids(tok, p) for p in PROMPTS]
-    out = cloud.prefill(prompts)
-    out = cloud.step(out.ids[:, 0])
-    rows = cloud.sequences
-    asked = [[7, 100, int(out.ids[2, 0])], [65, 258]]
-    got = cloud.exact([2, 0], asked)
-    for r, ids, vals in zip([2, 0], asked, got, strict=True):
-        torch.testing.assert_close(vals, true_logprobs(model, rows[r])[ids], atol=1e-4, rtol=0)
-    assert cloud.stats["exact_requests"] == 4  # the top-K member was answered from the step
+    srv = OpenAIServer(model, tok, max_logprobs=max_logprobs)
+    try:
+        with OpenAICloud(srv.url, tok, prompt="ids", logprobs=5) as cloud:
+            prompts = [chat_ids(tok, p) for p in PROMPTS]
+            out = cloud.prefill(prompts)
+            out = cloud.step(out.ids[:, 0])
+            rows = cloud.sequences
+            asked = [[7, 100, int(out.ids[2, 0])], [65, 258]]
+            got = cloud.exact([2, 0], asked)
+            for r, ids, vals in zip([2, 0], asked, got, strict=True):
+                torch.testing.assert_close(vals, true_logprobs(model, rows[r])[ids], atol=1e-4, rtol=0)
+            want = 4 if via == "exact_requests" else 2  # the top-K member is answered from the step
+            assert cloud.stats[via] == want
+    finally:
+        srv.close()
 
 
 def test_exact_refuses_a_candidate_text_cannot_carry(make, tiny):
@@ -213,8 +221,31 @@ def test_llama_style_end_tokens_are_resolved(tiny):
         srv.close()
 
 
-def test_exact_sampling_is_refused(make):
-    cloud = make(prompt="ids")
+def test_full_rows_where_the_server_answers_the_whole_vocabulary(tiny):
+    """llama.cpp answers logprobs as wide as the vocabulary: full rows for exact sampling, every id that its
+    string names exactly, the rest at a sound upper bound (a token chosen on one is counted). A server that caps
+    logprobs (vLLM) cannot: NotCertifiable, which the engine turns into truncated sampling."""
+    model, tok = tiny
+    srv = OpenAIServer(model, tok, max_logprobs=len(tok))
+    try:
+        with OpenAICloud(srv.url, tok, prompt="text", logprobs=5) as cloud:
+            prompt = chat_ids(tok, PROMPTS[0])
+            cloud.prefill([prompt])
+            (row,) = cloud.full([0])
+            ref = true_logprobs(model, prompt)
+            unique = torch.tensor([cloud.pieces.unique(i) for i in range(len(tok))])
+            torch.testing.assert_close(row[unique], ref[unique], atol=1e-4, rtol=0)
+            assert bool((row[~unique] >= ref[~unique] - 1e-5).all())
+            bounded = next(iter(cloud._bounded[0]))
+            cloud.step(torch.tensor([bounded]))
+            assert cloud.stats["bounded_choices"] == 1
+    finally:
+        srv.close()
+
+
+def test_exact_sampling_is_refused_where_logprobs_are_capped(make, tiny):
+    cloud = make(prompt="ids")  # the module server caps logprobs at 50
+    cloud.prefill([chat_ids(tiny[1], PROMPTS[0])])
     with pytest.raises(NotCertifiable, match="truncated mode"):
         cloud.full([0])
     assert issubclass(NotCertifiable, StepNotCertifiable)  # what the engine catches (certify.py)

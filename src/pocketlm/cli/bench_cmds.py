@@ -1,4 +1,4 @@
-"""`pocketlm bench train`: the CoMiGS training-step benchmark."""
+"""`pocketlm bench train` (the CoMiGS training-step benchmark) and other benchmarks that need no server module."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..bench.train_bench import bench_train
+from ..errors import PocketLMError
 from ..jsonfile import write_json
 from .app import bench_app, console
 from .options import BatchOpt, DeviceOpt, DtypeOpt, ExpertsOpt, JsonOutOpt, PathsOpt, SeqOpt
@@ -189,5 +190,49 @@ def bench_fl_scale_cmd(
         rows.append(scale(train, n, Path(out) / f"scale-{n}"))
         console.print(rows[-1])
     doc = {"hardware": hardware(), "train": train, "rows": rows}
+    if json_out:
+        write_json(doc, json_out)
+
+
+@bench_app.command("openai")
+def bench_openai_cmd(
+    server: str = typer.Option(None, help="An OpenAI-compatible server openai+http://HOST:PORT (default: start "
+                               "llama-cpp-python's server on --gguf here, on loopback)."),
+    gguf: str = typer.Option("smollm2-135m", help="GGUF path or built-in name for the started llama.cpp server."),
+    local: str = typer.Option("smollm2-135m", help="Device spec (the served model's tokenizer)."),
+    ks: str = typer.Option("20,50", help="Top log-probs per step to compare."),
+    methods: str = typer.Option("closed_form,plausible", help="Steering methods (greedy)."),
+    tokens: int = typer.Option(32, help="New tokens per generation at most."),
+    requests: int = typer.Option(4, help="Built-in requests (query + private context), 1..4."),
+    prompt: str = typer.Option("auto", help="Prompt mode: auto | ids | text."),
+    json_out: JsonOutOpt = None,
+) -> None:
+    """Steering through an OpenAI-compatible server: top-K certification, exact requests, round trip and bytes."""
+    from ..bench.openai_bench import bench_openai
+
+    try:
+        k_list = tuple(int(k) for k in ks.split(","))
+    except ValueError:
+        raise PocketLMError(f"--ks must be a comma list of integers, got {ks!r}") from None
+    if server is None:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise PocketLMError('starting a llama.cpp server needs llama-cpp-python: pip install '
+                                '"llama-cpp-python[server]" (or pass --server)') from None
+    doc = bench_openai(server, local, gguf=gguf, ks=k_list, tokens=tokens, requests=requests, methods=methods,
+                       prompt=prompt)
+    doc.update(hardware=hardware(), torch=torch.__version__)
+    table = Table(title=f"OpenAI-compatible cloud: {doc['cloud']} / device {local}, {methods}, greedy, "
+                        f"on {doc['hardware']}")
+    for col in ("K", "prompts", "certified by top-K", "ids asked/token", "uncertified", "requests/token",
+                "round trip ms", "ms/token", "bytes up/token", "bytes down/token", "same as widest K"):
+        table.add_column(col, justify="right")
+    for name, r in doc["rows"].items():
+        table.add_row(name, r["prompt_mode"], f"{r['certified_share']:.1%}", f"{r['exact_ids_per_token']:.2f}",
+                      str(r["uncertified"]), f"{r['requests_per_token']:.2f}", f"{r['round_trip_ms']:.0f}",
+                      f"{r['ms_per_token']:.0f}", f"{r['bytes_up_per_token']:,.0f}",
+                      f"{r['bytes_down_per_token']:,.0f}", f"{r['identical_to_widest']}/{r['generations']}")
+    console.print(table)
     if json_out:
         write_json(doc, json_out)

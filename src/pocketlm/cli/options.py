@@ -27,6 +27,14 @@ KvOpt = Annotated[str, typer.Option(
     help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
          "torch.compile first) | dynamic (HF) | auto (static where supported).")]
 
+# an OpenAI-compatible cloud (steer, eval-steer: --cloud openai+http://HOST:PORT)
+CloudLogprobsOpt = Annotated[int, typer.Option(
+    help="OpenAI-compatible cloud: top log-probs asked per step (lowered to the server's cap; vLLM "
+         "--max-logprobs, llama.cpp answered up to 50).")]
+CloudPromptOpt = Annotated[str, typer.Option(
+    help="OpenAI-compatible cloud prompts: ids (vLLM; exact) | text (llama.cpp; the server re-tokenizes) | auto "
+         "(ids, else text).")]
+
 # guards after any fusion rule (steer, eval-steer, demo)
 MaxCopyOpt = Annotated[int, typer.Option(
     help="Leak guard: no span of more than N consecutive words of the private context may be written "

@@ -22,6 +22,8 @@ from ..steer.session import load_engine
 from .app import app, bench_app, console
 from .bench_cmds import hardware
 from .options import (
+    CloudLogprobsOpt,
+    CloudPromptOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOutOpt,
@@ -77,13 +79,15 @@ def _sampling(temperature: float, top_p: float, seed: int, downlink: str = "exac
 @app.command("steer")
 def steer_cmd(
     prompt: str = typer.Argument(..., help="The public prompt (the only text the cloud sees)."),
-    cloud: str = typer.Option(..., help="Cloud model spec, or a step server http://HOST:PORT (sees the prompt's "
-                              "token ids only)."),
+    cloud: str = typer.Option(..., help="Cloud model spec, a step server http://HOST:PORT, or an OpenAI-compatible "
+                              "server openai+http://HOST:PORT (sees the prompt's tokens only)."),
     local: str = typer.Option(..., help="On-device model spec (sees the private context)."),
     context: Path = typer.Option(None, help="Private context file (stays on the device)."),
     cloud_token: str = typer.Option(None, envvar="POCKETLM_CLOUD_TOKEN", help="Bearer token of the step server."),
     cloud_format: str = typer.Option("f32", help="Step-server score format: f32 (exact) | f16 | bf16 | topk[:K] "
                                      "(certified top-k downlink: greedy tokens equal f32's, ~8K bytes per token)."),
+    cloud_logprobs: CloudLogprobsOpt = 20,
+    cloud_prompt: CloudPromptOpt = "auto",
     downlink_sampling: str = typer.Option("exact", help="With --cloud-format topk and --temperature > 0: exact "
                                           "(fetch full rows) | truncated (sample among the top-k ids only)."),
     method: str = typer.Option("closed_form", help=f"One of: {', '.join(METHODS)} (name@kappa allowed)."),
@@ -120,7 +124,7 @@ def steer_cmd(
     sampling = _sampling(temperature, top_p, seed, downlink_sampling)
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
                          adapters=str(adapters) if adapters else None, cloud_token=cloud_token,
-                         cloud_format=cloud_format)
+                         cloud_format=cloud_format, cloud_logprobs=cloud_logprobs, cloud_prompt=cloud_prompt)
     ids: list[int] = []
     shown = ""
 
@@ -141,7 +145,7 @@ def steer_cmd(
 @app.command("eval-steer")
 def eval_steer_cmd(
     data: Path = typer.Option(..., help="CoGenesis or LongLaMP jsonl."),
-    cloud: str = typer.Option(..., help="Cloud model spec."),
+    cloud: str = typer.Option(..., help="Cloud model spec, or openai+http://HOST:PORT (an OpenAI-compatible server)."),
     local: str = typer.Option(..., help="On-device model spec."),
     methods: str = typer.Option(EVAL_METHODS, help=f"Comma list of: {', '.join(METHODS)} (name@kappa allowed)."),
     kappas: str = typer.Option(None, help="Extra closed_form kappas for sensitivity, e.g. 0.5,1,3."),
@@ -157,6 +161,8 @@ def eval_steer_cmd(
     threads: ThreadsOpt = None,
     overlap: OverlapOpt = False,
     kv: KvOpt = "auto",
+    cloud_logprobs: CloudLogprobsOpt = 20,
+    cloud_prompt: CloudPromptOpt = "auto",
     max_copy: MaxCopyOpt = None,
     protect: ProtectOpt = None,
     no_repeat_ngram: NoRepeatOpt = None,
@@ -175,7 +181,8 @@ def eval_steer_cmd(
     ms = [m.with_guards(*guards) for m in parse_methods(methods, kappas)]
     _threads(threads)
     sampling = _sampling(temperature, top_p, seed)
-    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv)
+    engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
+                         cloud_logprobs=cloud_logprobs, cloud_prompt=cloud_prompt)
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "kv": kv, "hardware": hardware(),

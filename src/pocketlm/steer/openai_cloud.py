@@ -39,6 +39,8 @@ __all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", 
 
 PROMPT_MODES = ("auto", "ids", "text")
 SCHEME = "openai+"
+WIDE = 1024  # the first wider answer `exact` asks for (then the whole vocabulary)
+END_LIKELY = math.log(0.01)  # an ambiguous key this likely that may be an end token is resolved by echo
 ALIGN_TOL = 2e-3  # nats: an echoed position must reproduce the step's best log-prob this closely
 
 
@@ -72,11 +74,14 @@ class OpenAICloud:
                  self.url, served, self.model_name)
         self.pieces = PieceMap(tokenizer, self.vocab_rows)
         self._pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="pocketlm-openai")
+        self._wide = True  # False once the server refuses a wider logprobs (vLLM --max-logprobs)
         self._bias_eos = False  # set when the server drops log-probs on an end token (llama-cpp-python)
         self._seqs: list[list[int]] = []
         self._tops: list[RowTop] = []
+        self._bounded: list[set[int]] = []  # per row: ids this step answered with an upper bound only
         self.stats = dict.fromkeys(("step_requests", "exact_requests", "text_prompts", "retokenized",
-                                    "ambiguous_steps", "eos_resolved"), 0)
+                                    "ambiguous_steps", "eos_resolved", "wide_requests",
+                                    "bounded_choices"), 0)
         self._lock = threading.Lock()
 
     def _count(self, name: str) -> None:
@@ -128,7 +133,9 @@ class OpenAICloud:
         try:
             doc = self.http.call("POST", "/v1/completions", body)
         except LogprobsCapped as e:
-            if e.limit is None or not 1 <= e.limit < body["logprobs"] or "logprobs" in extra:
+            if "logprobs" in extra:  # a wider or echo request: the caller decides
+                raise
+            if e.limit is None or not 1 <= e.limit < body["logprobs"]:
                 raise OpenAICloudError(f"{e} (lower --cloud-logprobs)") from None
             log.warning("%s caps logprobs at %d (asked %d); using %d", self.url, e.limit, self.k, e.limit)
             self.k = e.limit
@@ -155,8 +162,8 @@ class OpenAICloud:
             self._count("text_prompts")
             if self.tokenizer(self._text(seq), add_special_tokens=False)["input_ids"] != list(seq):
                 self._count("retokenized")
-        tops = (choice.get("logprobs") or {}).get("top_logprobs")
-        if not tops or not isinstance(tops[0], dict) or not tops[0]:
+        tops = self._tops_of(choice)
+        if tops is None:
             if choice.get("finish_reason") == "stop" and not self._bias_eos and self.eos_token_ids:
                 # llama-cpp-python returns no log-probs when its greedy token ends the text; a logit bias
                 # steers its *sampler* off the end tokens while its log-probs stay the raw ones
@@ -165,21 +172,31 @@ class OpenAICloud:
                 return self._top(seq)
             raise OpenAICloudError(f"{self.url} answered without top_logprobs (llama.cpp needs --logits_all true; "
                                    f"vLLM --max-logprobs >= {self.k})")
-        try:
-            row = parse_top(tops[0], self.k, self.pieces)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise OpenAICloudError(f"{self.url} answered malformed top_logprobs: {e}") from None
+        row = self._parse(tops, self.k)
         if row.bound > row.floor:
             self._count("ambiguous_steps")
             self._resolve_eos(seq, row)
         return row
 
+    @staticmethod
+    def _tops_of(choice: dict) -> dict | None:
+        tops = (choice.get("logprobs") or {}).get("top_logprobs")
+        return tops[0] if tops and isinstance(tops[0], dict) and tops[0] else None
+
+    def _parse(self, top: dict, asked: int) -> RowTop:
+        try:
+            return parse_top(top, asked, self.pieces)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise OpenAICloudError(f"{self.url} answered malformed top_logprobs: {e}") from None
+
     def _resolve_eos(self, seq: list[int], row: RowTop) -> None:
-        """An ambiguous key that may be an end token (llama.cpp renders every special token "") would keep
-        the bound high exactly when the text ends: ask the end tokens' exact log-probs. A key whose value is an
+        """An ambiguous key that may be a likely end token (llama.cpp renders every special token "") would
+        keep the bound high exactly when the text ends: ask the end tokens' exact log-probs. A key whose value is an
         end token's is then accounted for; an end token hidden by a collision leaves less mass for the rest."""
         shown = [*row.known.values(), *(v for v, _ in row.ambiguous)]
-        for e in sorted(set().union(*[ids or set() for _, ids in row.ambiguous]) & self.eos_token_ids):
+        hidden = math.log(row.rest) if row.collided and row.rest > 0 else -math.inf  # a collapsed key may hide it
+        likely = [ids or set() for v, ids in row.ambiguous if max(v, hidden) >= END_LIKELY]
+        for e in sorted(set().union(*likely) & self.eos_token_ids):
             try:
                 value = self._echo(seq, e, row)
             except NotCertifiable as err:
@@ -239,6 +256,7 @@ class OpenAICloud:
         distinct = {tuple(s): None for s in seqs}
         answers = dict(zip(distinct, self._pool.map(self._top, [list(s) for s in distinct]), strict=True))
         self._tops = [answers[tuple(s)] for s in seqs]
+        self._bounded = [set() for _ in seqs]
         return self._topk(self._tops)
 
     def _topk(self, rows: list[RowTop]) -> TopKLogits:
@@ -274,7 +292,9 @@ class OpenAICloud:
         ids = token_ids.view(-1).tolist()
         if len(ids) != len(self._seqs):
             raise OpenAICloudError(f"{len(ids)} token ids for {len(self._seqs)} live rows")
-        for seq, t in zip(self._seqs, ids, strict=True):
+        for seq, bounded, t in zip(self._seqs, self._bounded, ids, strict=True):
+            if int(t) in bounded:  # chosen on an upper bound: this step was not certified
+                self._count("bounded_choices")
             seq.append(int(t))
         return self._run(self._seqs)
 
@@ -282,25 +302,87 @@ class OpenAICloud:
         idx = rows.view(-1).tolist()
         self._seqs = [self._seqs[i] for i in idx]
         self._tops = [self._tops[i] for i in idx]
+        self._bounded = [self._bounded[i] for i in idx]
 
     def release(self) -> None:
-        self._seqs, self._tops = [], []
+        self._seqs, self._tops, self._bounded = [], [], []
+
+    def _widened(self, r: int, missing: list[int], widths: tuple[int, ...] | None = None):
+        """Log-probs of `missing` ids for live row `r` from the same step asked wider (top 1024, then the whole
+        vocabulary): on llama.cpp a wider answer costs about what the step did, while an echo request scores
+        every prompt position. Returns (found, the whole-vocabulary answer's `RowTop` if one was asked);
+        ambiguous ids stay missing; a server that caps logprobs is not asked again."""
+        found: dict[int, float] = {}
+        whole = None
+        for width in widths or (max(WIDE, 4 * self.k), self.vocab_rows):
+            width = min(width, self.vocab_rows)
+            if not self._wide or width <= self.k or len(found) == len(missing):
+                break
+            try:
+                choice, _ = self._complete(self._seqs[r], logprobs=width)
+            except LogprobsCapped as e:
+                log.info("%s caps logprobs (%s): exact log-probs come from echo requests", self.url, e)
+                self._wide = False
+                break
+            self._count("wide_requests")
+            top = self._tops_of(choice)
+            if top is None or not self._lines_up(top, self._tops[r]):
+                break
+            wide = self._parse(top, width)
+            found.update({c: wide.known[c] for c in missing if c in wide.known})
+            whole = wide if width == self.vocab_rows else None
+        return found, whole
+
+    def _bounded_value(self, r: int, c: int, whole: RowTop) -> float:
+        """Id `c` is ambiguous even in the whole-vocabulary answer: its exact log-prob by echo when it is a likely
+        end token, else the answer's upper bound. A token later chosen on such a bound is counted
+        (`stats["bounded_choices"]`): only then is the choice not certified."""
+        if c in self.eos_token_ids and whole.bound >= END_LIKELY:
+            try:
+                return self._echo(self._seqs[r], c, self._tops[r])
+            except NotCertifiable as e:
+                log.debug("end token %d not resolved: %s", c, e)
+        self._bounded[r].add(c)
+        return whole.bound
 
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
-        """Exact log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's
-        answer, the others by echo requests (concurrently). Raises `NotCertifiable` when one cannot be had."""
-        jobs = [(r, c) for r, cs in zip(rows, ids, strict=True) for c in cs if c not in self._tops[r].known]
+        """Log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's answer,
+        the others from a wider answer (`_widened`); ids ambiguous even there get `_bounded_value`; with a
+        server that caps logprobs, echo requests (concurrently, at most `max_exact` per row, else
+        `NotCertifiable`)."""
+        need = {r: [c for c in cs if c not in self._tops[r].known] for r, cs in zip(rows, ids, strict=True)}
+        asked = [r for r, cs in need.items() if cs]
+        wide = dict(zip(asked, self._pool.map(lambda r: self._widened(r, need[r]), asked), strict=True))
+        got = {r: wide[r][0] for r in asked}
+        jobs = []
+        for r in asked:
+            for c in [c for c in need[r] if c not in got[r]]:
+                if wide[r][1] is not None:
+                    got[r][c] = self._bounded_value(r, c, wide[r][1])
+                else:
+                    jobs.append((r, c))
         if len(jobs) > self.max_exact * len(rows):
             raise NotCertifiable(f"{len(jobs)} ids to ask for {len(rows)} row(s), more than max_exact={self.max_exact} "
                                  "echo requests per row")
-        got = dict(zip(jobs, self._pool.map(lambda rc: self._echo(self._seqs[rc[0]], rc[1], self._tops[rc[0]]),
-                                             jobs), strict=True))
-        return [torch.tensor([self._tops[r].known.get(c, got.get((r, c), math.nan)) for c in cs],
+        echoed = self._pool.map(lambda rc: self._echo(self._seqs[rc[0]], rc[1], self._tops[rc[0]]), jobs)
+        for (r, c), v in zip(jobs, echoed, strict=True):
+            got[r][c] = v
+        return [torch.tensor([self._tops[r].known.get(c, got.get(r, {}).get(c, math.nan)) for c in cs],
                              dtype=torch.float32) for r, cs in zip(rows, ids, strict=True)]
 
     def full(self, rows: list[int]) -> torch.Tensor:
-        raise NotCertifiable(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the full "
-                             "distribution; decode greedily (certified) or sample in the truncated mode")
+        """Whole rows from whole-vocabulary answers, where the server allows `logprobs` that wide (llama.cpp;
+        ambiguous ids as in `exact`); else `NotCertifiable` (vLLM's --max-logprobs caps it)."""
+        out = torch.empty(len(rows), self.columns)
+        for i, r in enumerate(rows):
+            found, whole = self._widened(r, list(range(self.columns)), (self.vocab_rows,))
+            if whole is None:
+                raise NotCertifiable(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the "
+                                     "full distribution; decode greedily (certified) or sample in the truncated mode")
+            known = {**self._tops[r].known, **found}
+            out[i] = torch.tensor([known[c] if c in known else self._bounded_value(r, c, whole)
+                                   for c in range(self.columns)])
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -1,7 +1,7 @@
 """The HTTP side of the OpenAI-compatible cloud: one bounded POST per completion, every failure one clear line.
 
 Thin on purpose: `OpenAICloud` (openai_cloud.py) holds the steering logic; this module only sends JSON,
-counts payload bytes, and turns connection errors, HTTP errors, timeouts and malformed answers into
+counts payload bytes and round-trip time, and turns connection errors, HTTP errors, timeouts and malformed answers into
 `OpenAICloudError` naming the URL.
 """
 
@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import threading
+import time
 
 from ..errors import PocketLMError
 from .certify import NotCertifiable as StepNotCertifiable
@@ -41,7 +42,7 @@ _CAP = re.compile(r"(?:max|maximum|limit|allowed)[^0-9]{0,40}?(\d+)", re.IGNOREC
 
 class Transport:
     """JSON over HTTP to `base` (`http(s)://HOST:PORT`, with or without `/v1`). Thread-safe; counts
-    `bytes_up` / `bytes_down` (JSON bodies, not HTTP headers) and `requests`."""
+    `bytes_up` / `bytes_down` (JSON bodies, not HTTP headers), `requests` and `seconds` (round trips)."""
 
     def __init__(self, base: str, api_key: str | None, *, timeout: float, connect_timeout: float):
         import httpx  # the `serve` extra
@@ -55,16 +56,19 @@ class Transport:
                                     limits=httpx.Limits(max_connections=16), trust_env=False)
         self._lock = threading.Lock()
         self.bytes_up = self.bytes_down = self.requests = 0
+        self.seconds = 0.0  # summed round trips (concurrent requests overlap)
 
-    def _count(self, up: int, down: int) -> None:
+    def _count(self, up: int, down: int, seconds: float) -> None:
         with self._lock:
             self.bytes_up += up
             self.bytes_down += down
             self.requests += 1
+            self.seconds += seconds
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         url = self.base + path
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        t0 = time.perf_counter()
         try:
             r = self._client.request(method, url, content=data or None,
                                      headers={"Content-Type": "application/json"} if data else None)
@@ -74,7 +78,7 @@ class Transport:
         except self._errors[1] as e:
             raise OpenAICloudError(f"cannot reach an OpenAI-compatible server at {url}: "
                                    f"{type(e).__name__}: {e}") from None
-        self._count(len(data), len(r.content))
+        self._count(len(data), len(r.content), time.perf_counter() - t0)
         if r.status_code >= 400:
             text = " ".join(r.text.split())[:300]
             if r.status_code == 401:
