@@ -20,7 +20,7 @@ from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.certify import NotCertifiable as StepNotCertifiable
 from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
 from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.openai_cloud import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
+from pocketlm.steer.openai_cloud import EXCLUDED, NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
 from pocketlm.steer.session import load_engine
 from serve_fixtures import lively
 
@@ -222,9 +222,9 @@ def test_llama_style_end_tokens_are_resolved(tiny):
 
 
 def test_full_rows_where_the_server_answers_the_whole_vocabulary(tiny):
-    """llama.cpp answers logprobs as wide as the vocabulary: full rows for exact sampling, every id that its
-    string names exactly, the rest at a sound upper bound (a token chosen on one is counted). A server that caps
-    logprobs (vLLM) cannot: NotCertifiable, which the engine turns into truncated sampling."""
+    """llama.cpp answers logprobs as wide as the vocabulary: full rows for exact sampling with every id its
+    string names exactly; the few it cannot name are left out and the step counted. A server that caps logprobs
+    (vLLM) cannot: NotCertifiable, which the engine turns into truncated sampling."""
     model, tok = tiny
     srv = OpenAIServer(model, tok, max_logprobs=len(tok))
     try:
@@ -235,10 +235,9 @@ def test_full_rows_where_the_server_answers_the_whole_vocabulary(tiny):
             ref = true_logprobs(model, prompt)
             unique = torch.tensor([cloud.pieces.unique(i) for i in range(len(tok))])
             torch.testing.assert_close(row[unique], ref[unique], atol=1e-4, rtol=0)
-            assert bool((row[~unique] >= ref[~unique] - 1e-5).all())
-            bounded = next(iter(cloud._bounded[0]))
-            cloud.step(torch.tensor([bounded]))
-            assert cloud.stats["bounded_choices"] == 1
+            assert bool((row[~unique] == EXCLUDED).all()) and cloud.stats["excluded_ids"] == int((~unique).sum())
+            cloud.step(row.argmax().view(1))
+            assert cloud.stats["excluded_steps"] == 1
     finally:
         srv.close()
 

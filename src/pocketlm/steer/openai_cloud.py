@@ -40,6 +40,7 @@ __all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", 
 PROMPT_MODES = ("auto", "ids", "text")
 SCHEME = "openai+"
 WIDE = 1024  # the first wider answer `exact` asks for (then the whole vocabulary)
+EXCLUDED = -1e4  # the log-prob `exact`/`full` give ids they cannot name (no token has it)
 END_LIKELY = math.log(0.01)  # an ambiguous key this likely that may be an end token is resolved by echo
 ALIGN_TOL = 2e-3  # nats: an echoed position must reproduce the step's best log-prob this closely
 
@@ -78,10 +79,10 @@ class OpenAICloud:
         self._bias_eos = False  # set when the server drops log-probs on an end token (llama-cpp-python)
         self._seqs: list[list[int]] = []
         self._tops: list[RowTop] = []
-        self._bounded: list[set[int]] = []  # per row: ids this step answered with an upper bound only
+        self._excluded: list[bool] = []  # per row: this step left some unnamed ids out
         self.stats = dict.fromkeys(("step_requests", "exact_requests", "text_prompts", "retokenized",
                                     "ambiguous_steps", "eos_resolved", "wide_requests",
-                                    "bounded_choices"), 0)
+                                    "excluded_ids", "excluded_steps"), 0)
         self._lock = threading.Lock()
 
     def _count(self, name: str) -> None:
@@ -256,7 +257,7 @@ class OpenAICloud:
         distinct = {tuple(s): None for s in seqs}
         answers = dict(zip(distinct, self._pool.map(self._top, [list(s) for s in distinct]), strict=True))
         self._tops = [answers[tuple(s)] for s in seqs]
-        self._bounded = [set() for _ in seqs]
+        self._excluded = [False] * len(seqs)
         return self._topk(self._tops)
 
     def _topk(self, rows: list[RowTop]) -> TopKLogits:
@@ -292,9 +293,8 @@ class OpenAICloud:
         ids = token_ids.view(-1).tolist()
         if len(ids) != len(self._seqs):
             raise OpenAICloudError(f"{len(ids)} token ids for {len(self._seqs)} live rows")
-        for seq, bounded, t in zip(self._seqs, self._bounded, ids, strict=True):
-            if int(t) in bounded:  # chosen on an upper bound: this step was not certified
-                self._count("bounded_choices")
+        self.stats["excluded_steps"] += sum(self._excluded)
+        for seq, t in zip(self._seqs, ids, strict=True):
             seq.append(int(t))
         return self._run(self._seqs)
 
@@ -302,10 +302,12 @@ class OpenAICloud:
         idx = rows.view(-1).tolist()
         self._seqs = [self._seqs[i] for i in idx]
         self._tops = [self._tops[i] for i in idx]
-        self._bounded = [self._bounded[i] for i in idx]
+        self.stats["excluded_steps"] += sum(self._excluded[i] for i in range(len(self._excluded)) if i not in idx)
+        self._excluded = [self._excluded[i] for i in idx]
 
     def release(self) -> None:
-        self._seqs, self._tops, self._bounded = [], [], []
+        self.stats["excluded_steps"] += sum(self._excluded)
+        self._seqs, self._tops, self._excluded = [], [], []
 
     def _widened(self, r: int, missing: list[int], widths: tuple[int, ...] | None = None):
         """Log-probs of `missing` ids for live row `r` from the same step asked wider (top 1024, then the whole
@@ -333,21 +335,23 @@ class OpenAICloud:
             whole = wide if width == self.vocab_rows else None
         return found, whole
 
-    def _bounded_value(self, r: int, c: int, whole: RowTop) -> float:
-        """Id `c` is ambiguous even in the whole-vocabulary answer: its exact log-prob by echo when it is a likely
-        end token, else the answer's upper bound. A token later chosen on such a bound is counted
-        (`stats["bounded_choices"]`): only then is the choice not certified."""
+    def _unnamed(self, r: int, c: int, whole: RowTop) -> float:
+        """Id `c` has no exact value even in the whole-vocabulary answer (its string names several ids): by echo
+        when it is a likely end token, else it is left out (`EXCLUDED`), counted: the choice is then the best
+        among the ids the server names exactly, not certified over these few (specials, partial UTF-8 bytes,
+        whose only sound upper bound is the leftover mass; a device delta on such tokens would let that win)."""
         if c in self.eos_token_ids and whole.bound >= END_LIKELY:
             try:
                 return self._echo(self._seqs[r], c, self._tops[r])
             except NotCertifiable as e:
                 log.debug("end token %d not resolved: %s", c, e)
-        self._bounded[r].add(c)
-        return whole.bound
+        self._excluded[r] = True
+        self._count("excluded_ids")
+        return EXCLUDED
 
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
         """Log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's answer,
-        the others from a wider answer (`_widened`); ids ambiguous even there get `_bounded_value`; with a
+        the others from a wider answer (`_widened`); ids ambiguous even there are `_unnamed`; with a
         server that caps logprobs, echo requests (concurrently, at most `max_exact` per row, else
         `NotCertifiable`)."""
         need = {r: [c for c in cs if c not in self._tops[r].known] for r, cs in zip(rows, ids, strict=True)}
@@ -358,7 +362,7 @@ class OpenAICloud:
         for r in asked:
             for c in [c for c in need[r] if c not in got[r]]:
                 if wide[r][1] is not None:
-                    got[r][c] = self._bounded_value(r, c, wide[r][1])
+                    got[r][c] = self._unnamed(r, c, wide[r][1])
                 else:
                     jobs.append((r, c))
         if len(jobs) > self.max_exact * len(rows):
@@ -372,7 +376,7 @@ class OpenAICloud:
 
     def full(self, rows: list[int]) -> torch.Tensor:
         """Whole rows from whole-vocabulary answers, where the server allows `logprobs` that wide (llama.cpp;
-        ambiguous ids as in `exact`); else `NotCertifiable` (vLLM's --max-logprobs caps it)."""
+        unnamed ids as in `exact`); else `NotCertifiable` (vLLM's --max-logprobs caps it)."""
         out = torch.empty(len(rows), self.columns)
         for i, r in enumerate(rows):
             found, whole = self._widened(r, list(range(self.columns)), (self.vocab_rows,))
@@ -380,7 +384,7 @@ class OpenAICloud:
                 raise NotCertifiable(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the "
                                      "full distribution; decode greedily (certified) or sample in the truncated mode")
             known = {**self._tops[r].known, **found}
-            out[i] = torch.tensor([known[c] if c in known else self._bounded_value(r, c, whole)
+            out[i] = torch.tensor([known[c] if c in known else self._unnamed(r, c, whole)
                                    for c in range(self.columns)])
         return out
 
