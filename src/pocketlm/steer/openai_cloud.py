@@ -145,7 +145,7 @@ class OpenAICloud:
             refused = any(f"HTTP {c}" in str(e) for c in (400, 422)) or "answered HTTP" in str(e) and "prompt" in str(e)
             if self.prompt_mode != "auto" or not refused:  # llama-cpp-python: HTTP 500, 'prompt' 'valid string'
                 raise
-            log.info("%s refused a token-id prompt (%s); sending text prompts from now on", self.url, e)
+            log.info("%s refused a token-id prompt (%.160s); sending text prompts from now on", self.url, e)
             self.prompt_mode = "text"
             return self._complete(seq, **extra)
         if self.prompt_mode == "auto":
