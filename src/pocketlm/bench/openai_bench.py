@@ -4,7 +4,8 @@
 its own process group, stopped on exit). The device steers the same requests greedily with each method, once
 per top-K: per K, the share of cloud rows the top-K alone certified, the exact log-probs the device had to
 ask for (wider answers and echo requests), rows left uncertified, requests, bytes up and down and wall time
-per generated token, the mean round trip per request, and how many generations equal the widest K's.
+per generated token, the mean round trip per request (all, and the step requests alone), the rows whose choice
+left out ids no answer could name, and how many generations equal the widest K's.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class LlamaServer:
 def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int) -> dict:
     ms = parse_methods(methods)
     engine = SteerEngine(cloud, dev_tok, dev_model, dev_tok)
-    totals = dict.fromkeys(("rows", "certified", "exact_requests", "exact_ids", "uncertified"), 0)
+    totals = dict.fromkeys(("rows", "certified", "exact_requests", "exact_ids", "full_rows", "uncertified"), 0)
     gens, t0 = [], time.perf_counter()
     for q, c in REQUESTS[:requests]:  # one request's methods per generate (a device batch)
         gens += engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
@@ -100,6 +101,8 @@ def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, re
             "cloud_stats": dict(cloud.stats), "requests_per_token": http.requests / made,
             "bytes_up_per_token": http.bytes_up / made, "bytes_down_per_token": http.bytes_down / made,
             "round_trip_ms": 1000 * http.seconds / http.requests, "ms_per_token": 1000 * wall / made,
+            "step_round_trip_ms": 1000 * cloud.step_seconds / cloud.stats["step_requests"],
+            "excluded_share": cloud.stats["excluded_steps"] / totals["rows"],
             "exact_ids_per_token": totals["exact_ids"] / made}
 
 

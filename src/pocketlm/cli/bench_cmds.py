@@ -225,12 +225,14 @@ def bench_openai_cmd(
     doc.update(hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"OpenAI-compatible cloud: {doc['cloud']} / device {local}, {methods}, greedy, "
                         f"on {doc['hardware']}")
-    for col in ("K", "prompts", "certified by top-K", "ids asked/token", "uncertified", "requests/token",
-                "round trip ms", "ms/token", "bytes up/token", "bytes down/token", "same as widest K"):
+    for col in ("K", "prompts", "certified by top-K", "ids asked/token", "uncertified", "excluded",
+                "requests/token", "step round trip ms", "ms/token", "bytes up/token", "bytes down/token",
+                "same as widest K"):
         table.add_column(col, justify="right")
     for name, r in doc["rows"].items():
         table.add_row(name, r["prompt_mode"], f"{r['certified_share']:.1%}", f"{r['exact_ids_per_token']:.2f}",
-                      str(r["uncertified"]), f"{r['requests_per_token']:.2f}", f"{r['round_trip_ms']:.0f}",
+                      str(r["uncertified"]), f"{r['excluded_share']:.1%}", f"{r['requests_per_token']:.2f}",
+                      f"{r['step_round_trip_ms']:.0f}",
                       f"{r['ms_per_token']:.0f}", f"{r['bytes_up_per_token']:,.0f}",
                       f"{r['bytes_down_per_token']:,.0f}", f"{r['identical_to_widest']}/{r['generations']}")
     console.print(table)

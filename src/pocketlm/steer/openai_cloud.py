@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -82,8 +83,9 @@ class OpenAICloud:
         self._excluded: list[bool] = []  # per row: this step left some unnamed ids out
         self.stats = dict.fromkeys(("step_requests", "exact_requests", "text_prompts", "retokenized",
                                     "ambiguous_steps", "eos_resolved", "wide_requests",
-                                    "excluded_ids", "excluded_steps"), 0)
+                                    "excluded_ids", "excluded_steps", "misaligned"), 0)
         self._lock = threading.Lock()
+        self.step_seconds = 0.0  # summed round trips of the step requests alone
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -157,8 +159,11 @@ class OpenAICloud:
 
     def _top(self, seq: list[int]) -> RowTop:
         """The step's top-K for one id sequence (one request, plus one per end token to resolve "" keys)."""
+        t0 = time.perf_counter()
         choice, _ = self._complete(seq)
         self._count("step_requests")
+        with self._lock:
+            self.step_seconds += time.perf_counter() - t0
         if self.prompt_mode == "text":
             self._count("text_prompts")
             if self.tokenizer(self._text(seq), add_special_tokens=False)["input_ids"] != list(seq):
@@ -234,6 +239,7 @@ class OpenAICloud:
         if cand not in (self.pieces.ids(str(tokens[j])) or {cand}):
             raise NotCertifiable(f"{self.url} echoed {tokens[j]!r} where id {cand} was sent")
         if not self._lines_up(tops[j], row):
+            self._count("misaligned")
             raise NotCertifiable(f"{self.url}'s echoed log-probs do not line up with its step log-probs")
         return float(values[j])
 
@@ -329,6 +335,7 @@ class OpenAICloud:
             self._count("wide_requests")
             top = self._tops_of(choice)
             if top is None or not self._lines_up(top, self._tops[r]):
+                self._count("misaligned")
                 break
             wide = self._parse(top, width)
             found.update({c: wide.known[c] for c in missing if c in wide.known})
