@@ -7,7 +7,8 @@ win; the choice is certified when no unknown id reaches `best`. Otherwise the de
 exact scores of exactly those ids (`PartialCloud.exact`), corrects their fused scores in place
 (`+ exact - bound`, then the rule's cloud floor, e.g. the plausibility mask) and now knows them: the argmax of
 the corrected row is the full-vocabulary argmax. A guard that refuses the winner removes it and the same
-argument runs again on what is left.
+argument runs again on what is left. When so many ids are needed that asking costs more bytes than the whole row,
+the row is fetched whole instead.
 
 Sampling needs the whole distribution: `exact` mode fetches the full rows of the cloud rows being sampled
 (the downlink saves nothing then), `truncated` mode samples among the top-k ids only (documented as such).
@@ -25,7 +26,9 @@ from .fusion import NEG
 
 log = logging.getLogger(__name__)
 
-MAX_EXACT_IDS = 512  # more ids than this in one row: ask for the full row instead (it is cheaper to send)
+# Asking for one id costs about 4 bytes down (its f32 logit) and ~7 up (its decimal id in the JSON list); a full
+# row costs 4 bytes per column down. Ask while that is cheaper, else fetch the row.
+ASK_BYTES_PER_ID, FULL_BYTES_PER_COLUMN = 11, 4
 SAMPLING_MODES = ("exact", "truncated")
 
 
@@ -102,7 +105,7 @@ class Certifier:
             return
         self._asked.add(p)
         try:
-            if need.numel() > MAX_EXACT_IDS:
+            if need.numel() * ASK_BYTES_PER_ID > FULL_BYTES_PER_COLUMN * row.numel():
                 self._fetch_full([p])
             else:
                 exact = self.source.exact([p], [need.tolist()])[0]
