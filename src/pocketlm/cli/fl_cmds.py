@@ -97,7 +97,7 @@ def certs_cmd(
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}\n"
                   f"SuperLink: pocketlm fl superlink --tls {directory}\n"
                   f"devices and the flwr connection: root certificate {paths['ca.crt']} "
-                  f"(keep ca.key and server.key private)", markup=False, highlight=False)
+                  f"(keep ca.key and server.key private)", markup=False, highlight=False, soft_wrap=True)
 
 
 @fl_app.command("node-key")
@@ -111,7 +111,7 @@ def node_key_cmd(
     console.print(f"wrote {key} and {pub}\n"
                   f"register it on the SuperLink: flwr supernode register {pub} CONNECTION\n"
                   f"start the device with: pocketlm fl supernode --auth-key {key} --root-certificates CA.crt ...",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _toml_str(s: str) -> str:
@@ -148,7 +148,7 @@ def run_config_toml(config: Path | None, overrides: list[str]) -> str:
 
 @fl_app.command("run")
 def run_cmd(
-    config: Path = typer.Option(None, "--config", "-c", help="pocketlm TOML config (e.g. configs/fl-tiny.toml)."),
+    config: Path = typer.Option(None, "--config", "-c", help="pocketlm TOML config (e.g. configs/fortunes-id.toml)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a training or federation key, e.g. --set rounds=3 "
                                                           "--set min-available-nodes=4 (repeatable)."),
     connection: str = typer.Option(None, help="SuperLink connection in $FLWR_HOME/config.toml (default: Flower's "
