@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pocketlm.errors import PocketLMError
+from pocketlm.steer import certify
 from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.certify import NotCertifiable
 from pocketlm.steer.decoding import SteerEngine, SteerRequest
@@ -58,8 +59,10 @@ def test_truncate_and_dense_fill_unknown_ids_with_the_bound():
         TopKLogits(top.ids, top.scores[:, :1], top.bound, top.lse)
 
 
-@pytest.mark.parametrize("k", [1, 8])
-def test_greedy_tokens_equal_full_vocabulary_fusion_for_every_method(serve_pair, k):
+@pytest.mark.parametrize(("k", "ask_limit"), [(1, 128), (8, 128), (1, 0)])
+def test_greedy_tokens_equal_full_vocabulary_fusion_for_every_method(serve_pair, k, ask_limit, monkeypatch):
+    """ask_limit 0: every row the top-k cannot certify is first deepened (the cloud's next-ranked ids)."""
+    monkeypatch.setattr(certify, "ASK_LIMIT", ask_limit)
     cloud, _, tok = serve_pair
     ref, _ = decode(HFCloudBackend(cloud, tok), serve_pair)
     out, engine = decode(TruncatedCloud(HFCloudBackend(cloud, tok), k), serve_pair)
@@ -68,6 +71,7 @@ def test_greedy_tokens_equal_full_vocabulary_fusion_for_every_method(serve_pair,
     stats = engine.downlink
     assert stats["rows"] > 0 and stats["uncertified"] == 0
     assert stats["exact_requests"] > 0  # a tiny random model is flat: the top-k alone is often not enough
+    assert stats["deepened"] > 0 or ask_limit > 0
 
 
 def test_guarded_methods_equal_full_vocabulary_fusion(serve_pair):
@@ -102,6 +106,12 @@ class Deaf(TruncatedCloud):
     def exact(self, rows, ids):
         raise NotCertifiable("no exact scores here")
 
+    def more(self, rows, depth):
+        raise NotCertifiable("no deeper ranking here")
+
+    def full(self, rows):
+        raise NotCertifiable("no full rows here")
+
 
 def test_a_cloud_that_cannot_answer_leaves_rows_uncertified_and_picks_a_known_token(serve_pair):
     cloud, _, tok = serve_pair
@@ -125,7 +135,8 @@ def test_topk_downlink_refuses_an_intersection_vocabulary(serve_pair):
         SteerEngine(TruncatedCloud(HFCloudBackend(cloud, tok), 4), tok, device, tok, vocab="intersection")
 
 
-def test_step_server_topk_equals_full_f32_with_fewer_bytes(serve_pair):
+def test_step_server_topk_equals_full_f32_with_fewer_bytes(serve_pair, monkeypatch):
+    monkeypatch.setattr(certify, "ASK_LIMIT", 4)  # so the server's `more` runs too
     cloud, device, tok = serve_pair
     ms = parse_methods("closed_form,plausible,ada_costeer,cloud")
     reqs = requests(len(ms))
@@ -138,6 +149,7 @@ def test_step_server_topk_equals_full_f32_with_fewer_bytes(serve_pair):
             out = engine.generate(reqs, ms, max_new_tokens=20)
             engine.close()
             assert rc.columns == engine.align.size
+            assert engine.downlink["deepened"] > 0
             top_down = rc.bytes_down
         with RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2, ask=False) as quiet:  # candidate ids never go up
             engine = SteerEngine(quiet, tok, device, tok)
@@ -194,6 +206,10 @@ def test_server_refuses_bad_topk_requests(serve_server):
         ws.send(op("exact", rows=[0], ids=[[int(top.ids[0, 0]), 5]]))
         got = decode_scores(ws.recv(timeout=10))
         assert got.shape == (1, 2) and torch.isclose(got[0, 0], top.scores[0, 0])
+        ws.send(op("more", rows=[0], depth=10))
+        deeper = decode_scores(ws.recv(timeout=10))
+        assert deeper.ids.shape == (1, 10) and deeper.ids[0, :4].tolist() == top.ids[0].tolist()
+        assert float(deeper.bound[0]) <= float(top.bound[0])
         ws.send(op("exact", rows=[3], ids=[[5]]))
         assert "400" in ws.recv(timeout=10)
     finally:

@@ -53,6 +53,12 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
         for r in rows.values():
             assert 0 <= r["match"] <= 1 and 0 <= r["distinct2"] <= 1 and r["n"] >= 1
     assert doc["settings"]["match"] == "nearest_unigram_user"
+    res = runner.invoke(app, ["eval-personal", "--run", str(run), "--max-new-tokens", "3", "--methods", "both",
+                              "--fusion", "plausible", "--kappa", "3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["settings"]["fusion"] == "plausible"
+    res = runner.invoke(app, ["eval-personal", "--run", str(run), "--fusion", "loud"])
+    assert res.exit_code != 0 and "unknown fusion" in str(res.exception)
     res = runner.invoke(app, ["steer", "Say hi.", "--cloud", "tiny-llama", "--local", "tiny-llama", "--adapters",
                               str(run / "users" / "bob"), "--signal", "weights", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output  # one prompt from the command line, streamed, steered by bob's model

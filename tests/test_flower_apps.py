@@ -92,8 +92,11 @@ def test_fl_wrappers_print_the_exact_flower_commands(tmp_path):
     assert r.exit_code == 0, r.output
     assert "flower-supernode --superlink 10.0.0.1:9091" in r.output and "experts=3" in r.output
     assert f'user-dir="{tmp_path / "u"}"' in r.output and "--insecure" in r.output
-    r = CliRunner().invoke(app, ["fl", "superlink", "--tls", "certs", "--auth", "--dry-run"])
-    assert "--ssl-certfile certs/server.pem" in r.output and "--enable-supernode-auth" in r.output
+    from pocketlm.collab.flower.certs import make_tls
+
+    certs = make_tls(tmp_path / "certs", ["server"])
+    r = CliRunner().invoke(app, ["fl", "superlink", "--tls", str(tmp_path / "certs"), "--auth", "--dry-run"])
+    assert f"--ssl-certfile {certs['server.pem']}" in r.output and "--enable-supernode-auth" in r.output
     assert "--insecure" not in r.output
     r = CliRunner().invoke(app, ["fl", "supernode", "--state", "s", "--dry-run"])
     assert r.exit_code != 0

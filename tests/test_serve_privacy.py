@@ -23,7 +23,8 @@ SECRET = "My passphrase is XYZZY-PLUGH-7731; I live at 42 Quiet Lane, Tromso, an
 DISTINCTIVE = ["XYZZY", "PLUGH", "7731", "Quiet Lane", "Tromso", "Dr. Vell", "passphrase"]
 QUERIES = ["Write a short note to a friend.", "Plan my weekend."]
 FIELDS = {"open": {"op", "prompts", "expand", "max_new_tokens", "format"}, "step": {"op", "ids"},
-          "keep": {"op", "rows"}, "close": {"op"}, "exact": {"op", "rows", "ids"}, "full": {"op", "rows"}}
+          "keep": {"op", "rows"}, "close": {"op"}, "exact": {"op", "rows", "ids"}, "full": {"op", "rows"},
+          "more": {"op", "rows", "depth"}}
 TOPK_OPEN = FIELDS["open"] | {"topk", "columns"}
 HEADERS = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "authorization"}
 

@@ -74,5 +74,6 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
 
 
 def _add(acc: dict, stats: dict) -> None:
-    for key in ("rows", "certified", "exact_requests", "exact_ids", "full_rows", "uncertified"):
+    for key in ("rows", "certified", "exact_requests", "exact_ids", "full_rows", "uncertified", "deepened",
+                "deepened_ids"):
         acc[key] = acc.get(key, 0) + stats[key]

@@ -20,7 +20,8 @@ fl_app = typer.Typer(help="CoMiGS across devices with Flower: a SuperLink, one S
                      no_args_is_help=True)
 app.add_typer(fl_app, name="fl")
 
-TLS_HELP = "Folder with ca.crt, server.pem and server.key (see README); without it the server runs --insecure."
+TLS_HELP = ("Folder with ca.crt, server.pem and server.key (pocketlm fl certs); without it the server runs "
+            "--insecure.")
 
 
 def _exec(argv: list[str], dry_run: bool) -> None:
@@ -39,22 +40,13 @@ def superlink_cmd(
     tls: Path = typer.Option(None, help=TLS_HELP),
     database: Path = typer.Option(None, help="SQLite file that keeps runs across SuperLink restarts."),
     auth: bool = typer.Option(False, help="Only accept SuperNodes whose public key was registered "
-                                          "(flwr supernode register ...)."),
+                                          "(flwr supernode register KEY.pub CONN); needs --tls."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
 ) -> None:
     """Start the server-side Flower SuperLink."""
-    # the apps run in this environment: no per-run `uv sync` of pocketlm's dependencies (torch) by the SuperLink
-    argv = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
-    if tls is None:
-        argv.append("--insecure")
-    else:
-        argv += ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
-                 "--ssl-keyfile", str(tls / "server.key")]
-    if database is not None:
-        argv += ["--database", str(database)]
-    if auth:
-        argv.append("--enable-supernode-auth")
-    _exec(argv, dry_run)
+    from ..collab.flower.commands import superlink_argv
+
+    _exec(superlink_argv(host=host, port=port, tls=tls, auth=auth, database=database), dry_run)
 
 
 @fl_app.command("supernode")
@@ -65,8 +57,10 @@ def supernode_cmd(
     superlink: str = typer.Option("127.0.0.1:9091", help="host:port of the SuperLink."),
     experts: int = typer.Option(None, help="This device's number of experts (default: the run's)."),
     port: int = typer.Option(9094, help="Local port of this SuperNode's runtime API (one per node on a machine)."),
-    root_certificates: Path = typer.Option(None, help="CA certificate of a TLS SuperLink; without it: --insecure."),
-    auth_key: Path = typer.Option(None, help="Private key of this SuperNode (SuperNode authentication)."),
+    root_certificates: Path = typer.Option(None, help="CA certificate of a TLS SuperLink (ca.crt of pocketlm fl "
+                                                      "certs); without it: --insecure."),
+    auth_key: Path = typer.Option(None, help="This SuperNode's private key (pocketlm fl node-key), its public key "
+                                             "registered on the SuperLink; needs --root-certificates."),
     audit_log: Path = typer.Option(None, help="Append the names of everything this device sends (JSON lines)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
 ) -> None:
@@ -83,11 +77,41 @@ def supernode_cmd(
     if audit_log is not None:
         cfg["audit-log"] = str(audit_log.expanduser().resolve())
     node_config = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={_toml_str(v)}" for k, v in cfg.items())
-    argv = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", node_config]
-    argv += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
-    if auth_key is not None:
-        argv += ["--auth-supernode-private-key", str(auth_key)]
-    _exec(argv, dry_run)
+    from ..collab.flower.commands import supernode_argv
+
+    _exec(supernode_argv(superlink=superlink, port=port, node_config=node_config,
+                         root_certificates=root_certificates, auth_key=auth_key), dry_run)
+
+
+@fl_app.command("certs")
+def certs_cmd(
+    directory: Path = typer.Argument(..., help="Folder for ca.crt, ca.key, server.pem, server.key (created)."),
+    hosts: list[str] = typer.Option(..., "--host", help="Name or IP the devices use to reach the SuperLink "
+                                                        "(repeatable); 127.0.0.1 and localhost are always added."),
+    days: int = typer.Option(365, help="Validity of both certificates, in days."),
+) -> None:
+    """Make a private CA and a SuperLink TLS certificate signed by it (for pocketlm fl superlink --tls DIR)."""
+    from ..collab.flower.certs import make_tls
+
+    paths = make_tls(directory, hosts, days=days)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}\n"
+                  f"SuperLink: pocketlm fl superlink --tls {directory}\n"
+                  f"devices and the flwr connection: root certificate {paths['ca.crt']} "
+                  f"(keep ca.key and server.key private)", markup=False, highlight=False, soft_wrap=True)
+
+
+@fl_app.command("node-key")
+def node_key_cmd(
+    path: Path = typer.Argument(..., help="Private key file to create (PATH.pub gets the public key)."),
+) -> None:
+    """Make a SuperNode authentication key pair (OpenSSH ECDSA P-384, the format Flower reads)."""
+    from ..collab.flower.certs import make_node_key
+
+    key, pub = make_node_key(path)
+    console.print(f"wrote {key} and {pub}\n"
+                  f"register it on the SuperLink: flwr supernode register {pub} CONNECTION\n"
+                  f"start the device with: pocketlm fl supernode --auth-key {key} --root-certificates CA.crt ...",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _toml_str(s: str) -> str:
@@ -124,7 +148,7 @@ def run_config_toml(config: Path | None, overrides: list[str]) -> str:
 
 @fl_app.command("run")
 def run_cmd(
-    config: Path = typer.Option(None, "--config", "-c", help="pocketlm TOML config (e.g. configs/fl-tiny.toml)."),
+    config: Path = typer.Option(None, "--config", "-c", help="pocketlm TOML config (e.g. configs/fortunes-id.toml)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a training or federation key, e.g. --set rounds=3 "
                                                           "--set min-available-nodes=4 (repeatable)."),
     connection: str = typer.Option(None, help="SuperLink connection in $FLWR_HOME/config.toml (default: Flower's "

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..data import load_corpus
 from ..data.splits import split_corpus
 from ..errors import PocketLMError
-from ..eval.personal_eval import PERSONAL_METHODS, UserTarget, evaluate_personal, language_target
+from ..eval.personal_eval import FUSIONS, PERSONAL_METHODS, UserTarget, evaluate_personal, language_target
 from ..eval.personal_metrics import LANGUAGE_NAMES, UnigramUsers, language_of
 from ..jsonfile import write_json
 from ..models import load_model
@@ -58,7 +58,9 @@ def eval_personal_cmd(
     cloud: str = typer.Option(None, help="Cloud model spec (default: the run's base model)."),
     prompts: Path = typer.Option(None, help="Prompt file, one neutral prompt per line (default: 3 built-in)."),
     methods: str = typer.Option(",".join(PERSONAL_METHODS), help=f"Comma list of {', '.join(PERSONAL_METHODS)}."),
-    kappa: float = typer.Option(1.0, help="Steering strength of weights / context / both (closed form)."),
+    kappa: float = typer.Option(1.0, help="Steering strength of weights / context / both."),
+    fusion: str = typer.Option("closed_form", help="How weights / context / both steer: closed_form | plausible "
+                               "(only tokens the cloud finds plausible: its fluency guard)."),
     max_new_tokens: MaxNewTokensOpt = 48,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
@@ -70,6 +72,8 @@ def eval_personal_cmd(
     bad = [m for m in ms if m not in PERSONAL_METHODS]
     if bad or not ms:
         raise PocketLMError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PERSONAL_METHODS)}")
+    if fusion not in FUSIONS:
+        raise PocketLMError(f"unknown fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
     if threads:
         torch.set_num_threads(threads)
     cfg = run_config(run)
@@ -91,9 +95,9 @@ def eval_personal_cmd(
         return SteerEngine(backend, cloud_tok, load_personal(base, users_dir / user), tok)
 
     doc = evaluate_personal(engine, targets, texts, match, cloud_model, methods=ms, kappa=kappa,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, fusion=fusion)
     doc["settings"] = {"run": str(run), "strategy": cfg.get("strategy", run.name), "model": cfg["model"],
-                       "cloud": cloud or cfg["model"], "kappa": kappa, "max_new_tokens": max_new_tokens,
+                       "cloud": cloud or cfg["model"], "kappa": kappa, "fusion": fusion, "max_new_tokens": max_new_tokens,
                        "prompts": texts, "match": kind, "hardware": hardware(), "torch": torch.__version__}
     table = Table(title=f"eval-personal {run}: target match / cloud ppl / distinct-2 ({kind})")
     table.add_column("user")

@@ -39,8 +39,11 @@ def language_target(user: str, name: str) -> UserTarget:
     return UserTarget(user, f"I am a native {name} speaker and always write in {name}.", f"Answer in {name}.")
 
 
-def _row(method: str, prompt: str, t: UserTarget, kappa: float):
-    steer = get_method(f"closed_form@{kappa:g}")
+FUSIONS = ("closed_form", "plausible")
+
+
+def _row(method: str, prompt: str, t: UserTarget, kappa: float, fusion: str = "closed_form"):
+    steer = get_method(f"{fusion}@{kappa:g}")
     if method == "cloud":
         return SteerRequest(prompt), get_method("cloud")
     if method == "cloud_prompted":
@@ -52,15 +55,17 @@ def _row(method: str, prompt: str, t: UserTarget, kappa: float):
 
 def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserTarget], prompts: list[str],
                       match: Callable[[str, str], bool], cloud_model, *, methods=PERSONAL_METHODS,
-                      kappa: float = 1.0, max_new_tokens: int = 48) -> dict:
-    """`engines(user)` gives the engine whose device is that user's personal model (same cloud for all)."""
+                      kappa: float = 1.0, max_new_tokens: int = 48, fusion: str = "closed_form") -> dict:
+    """`engines(user)` gives the engine whose device is that user's personal model (same cloud for all).
+    `fusion`: how weights / context / both steer: the closed form, or behind the plausibility mask (the cloud's
+    own fluency guard: only tokens with p_cloud >= 0.1 max p_cloud)."""
     doc: dict = {"users": {}, "mean": {}, "examples": []}
     for t in progress(targets, desc="eval-personal users", total=len(targets)):
         engine = engines(t.user)
         per: dict[str, dict[str, list]] = {m: {"match": [], "cloud_ppl": [], "distinct2": []} for m in methods}
         for prompt in prompts:
             prompt_ids = chat_ids(engine.cloud_tok, prompt, engine.system)
-            rows = [_row(m, prompt, t, kappa) for m in methods]
+            rows = [_row(m, prompt, t, kappa, fusion) for m in methods]
             gens = engine.generate([r for r, _ in rows], [m for _, m in rows], max_new_tokens=max_new_tokens)
             for name, (req, _), g in zip(methods, rows, gens, strict=True):
                 ppl = cloud_perplexity(cloud_model, prompt_ids, g.token_ids)

@@ -91,12 +91,17 @@ class SteerServer:
             return op, {"rows": rows}
         if op == "close":
             return op, {}
-        if op in ("exact", "full"):
+        if op in ("exact", "more", "full"):
             rows = _ints(msg.get("rows"), "rows", 0, lim.max_rows)
             if not rows:
                 raise ServeError(400, f"{op}: rows must name at least one live row")
             if op == "full":
                 return op, {"rows": rows}
+            if op == "more":
+                depth = msg.get("depth")
+                if type(depth) is not int or not 1 <= depth < V:
+                    raise ServeError(400, f"more: depth must be an integer in 1..{V - 1}")
+                return op, {"rows": rows, "depth": depth}
             ids = msg.get("ids")
             if not isinstance(ids, list) or len(ids) != len(rows):
                 raise ServeError(400, "exact: ids must be one list of ids per row")

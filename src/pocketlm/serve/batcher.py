@@ -56,7 +56,7 @@ class Session:
 
 @dataclass
 class Work:
-    kind: str          # open | step | keep | exact | full | close
+    kind: str          # open | step | keep | exact | more | full | close
     session: Session
     args: dict
     future: Future = field(default_factory=Future)
@@ -214,6 +214,12 @@ class Batcher:
             raise ServeError(400, f"exact: ids must be below the session's {w.session.columns} columns")
         vals = [last[r, ids] for r, ids in zip(w.args["rows"], w.args["ids"], strict=True)]
         return encode_scores(torch.cat(vals).view(1, -1), "f32")
+
+    def _more(self, w: Work) -> bytes:
+        last, depth = self._rows_of_last(w), w.args["depth"]
+        if depth >= w.session.columns:
+            raise ServeError(400, f"more: depth must be below the session's {w.session.columns} columns")
+        return encode_topk(truncate(last[w.args["rows"]], depth))
 
     def _full(self, w: Work) -> bytes:
         return encode_scores(self._rows_of_last(w)[w.args["rows"]], "f32")

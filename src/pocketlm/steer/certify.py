@@ -7,7 +7,8 @@ win; the choice is certified when no unknown id reaches `best`. Otherwise the de
 exact scores of exactly those ids (`PartialCloud.exact`), corrects their fused scores in place
 (`+ exact - bound`, then the rule's cloud floor, e.g. the plausibility mask) and now knows them: the argmax of
 the corrected row is the full-vocabulary argmax. A guard that refuses the winner removes it and the same
-argument runs again on what is left.
+argument runs again on what is left. When so many ids are needed that asking costs more bytes than the whole row,
+the row is fetched whole instead.
 
 Sampling needs the whole distribution: `exact` mode fetches the full rows of the cloud rows being sampled
 (the downlink saves nothing then), `truncated` mode samples among the top-k ids only (documented as such).
@@ -16,7 +17,7 @@ Sampling needs the whole distribution: `exact` mode fetches the full rows of the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +26,12 @@ from .fusion import NEG
 
 log = logging.getLogger(__name__)
 
-MAX_EXACT_IDS = 512  # more ids than this in one row: ask for the full row instead (it is cheaper to send)
+# Asking for one id costs about 4 bytes down (its f32 logit) and ~7 up (its decimal id in the JSON list); a full
+# row costs 4 bytes per column down. Ask while that is cheaper, else fetch the row.
+# At most MAX_ASK ids in one request (~30 KB of JSON, within any step server's message limit). More than ASK_LIMIT
+# ids needed: first *deepen* the row (the cloud's next-ranked ids, DEEPEN times as many, 8 bytes each): that
+# lowers the bound for every other id, sends nothing that depends on the device, and usually leaves few to ask.
+ASK_BYTES_PER_ID, FULL_BYTES_PER_COLUMN, MAX_ASK, ASK_LIMIT, DEEPEN = 11, 4, 4096, 128, 8
 SAMPLING_MODES = ("exact", "truncated")
 
 
@@ -42,11 +48,12 @@ class DownlinkStats:
     exact_requests: int = 0    # rows that asked for exact scores of a few ids
     exact_ids: int = 0
     full_rows: int = 0         # rows fetched whole (sampling in exact mode, or too many ids to ask for)
+    deepened: int = 0          # times a row's top-k was extended (PartialCloud.more)
+    deepened_ids: int = 0
     uncertified: int = 0       # the cloud could not answer: the best known token was taken (counted, logged)
-    by_position: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "by_position"}
+        d = dict(self.__dict__)
         d["certified_share"] = self.certified / self.rows if self.rows else None
         return d
 
@@ -57,8 +64,9 @@ class Certifier:
     fill value (a log-probability); `floors` `[n]` the rules' cloud floors (-inf: none); `lse` `[n]` turns the
     cloud's raw scores into log-probabilities; `uses_cloud` `[n]` bool: rows whose scores contain the cloud."""
 
-    def __init__(self, source, scores, cloud, known, bound, lse, floors, uses_cloud, stats: DownlinkStats):
+    def __init__(self, source, scores, cloud, known, bound, lse, floors, uses_cloud, stats: DownlinkStats, k: int):
         self.source, self.scores, self.cloud, self.known = source, scores, cloud, known
+        self.depth = [k] * scores.shape[0]  # how many of each row's best ids are known from the cloud's ranking
         self.bound, self.lse, self.floors, self.uses_cloud = bound, lse, floors, uses_cloud
         self.stats = stats
         self._asked: set[int] = set()
@@ -89,20 +97,23 @@ class Certifier:
         """Make row `p`'s argmax (ignoring `exclude`) exact: `row` is `scores[p]` or `cloud[p]` (a view)."""
         if not bool(self.uses_cloud[p]) or p in self.failed:
             return
-        live = row > NEG / 2
-        if exclude:
-            live[list(exclude)] = False
-        known = self.known[p] & live
-        best = row[known].max() if bool(known.any()) else torch.tensor(float("-inf"), device=row.device)
-        need = (~self.known[p] & live & (row >= best)).nonzero().flatten()
-        if need.numel() == 0:
-            if p not in self._asked:
-                self.stats.certified += 1
+        while True:
+            live = row > NEG / 2
+            if exclude:
+                live[list(exclude)] = False
+            known = self.known[p] & live
+            best = row[known].max() if bool(known.any()) else torch.tensor(float("-inf"), device=row.device)
+            need = (~self.known[p] & live & (row >= best)).nonzero().flatten()
+            if need.numel() == 0:
+                if p not in self._asked:
+                    self.stats.certified += 1
+                self._asked.add(p)
+                return
             self._asked.add(p)
-            return
-        self._asked.add(p)
+            if need.numel() <= ASK_LIMIT or not self._deepen(p, row.numel()):
+                break
         try:
-            if need.numel() > MAX_EXACT_IDS:
+            if need.numel() > MAX_ASK or need.numel() * ASK_BYTES_PER_ID > FULL_BYTES_PER_COLUMN * row.numel():
                 self._fetch_full([p])
             else:
                 exact = self.source.exact([p], [need.tolist()])[0]
@@ -113,6 +124,32 @@ class Certifier:
             self.stats.uncertified += 1
             self._known_only(p)
             log.debug("row %d not certified (%s): the best known token is taken", p, e)
+
+    def _deepen(self, p: int, columns: int) -> bool:
+        """Learn row p's next-ranked ids (up to DEEPEN x its depth) and lower its bound; False if it cannot."""
+        depth = self.depth[p] * DEEPEN
+        if depth * 2 > columns:
+            return False
+        try:
+            top = self.source.more([p], depth)
+        except NotCertifiable:
+            return False
+        lse = self.lse[p]
+        ids, exact_lp = top.ids[0].to(self.scores.device), top.scores[0].to(self.scores.device, torch.float32) - lse
+        fresh = ~self.known[p, ids]
+        self._correct(p, ids[fresh], exact_lp[fresh])
+        bound = top.bound[0].to(self.scores.device, torch.float32) - lse
+        unknown = ~self.known[p]
+        if bound < self.floors[p]:  # every remaining id now falls under the rule's cloud floor
+            self.scores[p, unknown] = NEG
+        else:
+            self.scores[p, unknown] += bound - self.bound[p]
+        self.cloud[p, unknown] = bound
+        self.bound[p] = bound
+        self.depth[p] = depth
+        self.stats.deepened += 1
+        self.stats.deepened_ids += int(fresh.sum())
+        return True
 
     def _fetch_full(self, rows: list[int]) -> None:
         full = self.source.full(rows).to(self.scores.device, torch.float32)

@@ -134,7 +134,7 @@ class DecodePlan:
         if top is not None:
             lse = top.lse.to(ref.device, torch.float32)
             self.certifier = Certifier(self.cloud, scores, view.cloud, view.known, top.bound.to(ref.device) - lse,
-                                       lse, floors, uses_cloud, self.downlink)
+                                       lse, floors, uses_cloud, self.downlink, top.ids.shape[1])
         return scores, steered
 
     def choose(self, scores: torch.Tensor, sampling: Sampling, gen, to_device) -> torch.Tensor:

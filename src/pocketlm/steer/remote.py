@@ -17,6 +17,7 @@ from websockets.sync.client import connect
 
 from . import wire
 from .certify import NotCertifiable
+from .topk import TopKLogits
 from .wire import RemoteCloudError
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,13 @@ class RemoteTopK(RemoteCloud):
         self._send(wire.op("exact", rows=list(rows), ids=[list(map(int, i)) for i in ids]))
         flat = self._scores().view(-1)
         return list(flat.split([len(i) for i in ids]))
+
+    def more(self, rows: list[int], depth: int) -> TopKLogits:
+        self._send(wire.op("more", rows=list(rows), depth=int(depth)))
+        top = self._scores()
+        if not isinstance(top, TopKLogits):
+            raise RemoteCloudError("step server answered 'more' without a top-k frame")
+        return top
 
     def full(self, rows: list[int]) -> torch.Tensor:
         if not self.ask:

@@ -72,9 +72,13 @@ class PartialCloud(CloudBackend, Protocol):
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
         """Exact scores (the units of `TopKLogits.scores`, before `lse`) of `ids[i]` for live row `rows[i]`."""
 
+    def more(self, rows: list[int], depth: int) -> TopKLogits:
+        """The `depth` best ids of these live rows (at least those; the engine merges what it knew) and the
+        (depth+1)-th score as their new bound; a backend that cannot raises `certify.NotCertifiable`."""
+
     def full(self, rows: list[int]) -> torch.Tensor:
         """The full `[len(rows), columns]` score rows (exact sampling); a backend that cannot raises
-        PocketLMError naming the truncated mode."""
+        `certify.NotCertifiable`."""
 
 
 def truncate(logits: torch.Tensor, k: int, columns: int | None = None) -> TopKLogits:
@@ -133,6 +137,9 @@ class TruncatedCloud:
 
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
         return [self._last[r, torch.tensor(i, dtype=torch.long, device=self._last.device)] for r, i in zip(rows, ids, strict=True)]
+
+    def more(self, rows: list[int], depth: int) -> TopKLogits:
+        return truncate(self.full(rows), depth)
 
     def full(self, rows: list[int]) -> torch.Tensor:
         return self._last[torch.tensor(rows, dtype=torch.long, device=self._last.device)]

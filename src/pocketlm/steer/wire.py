@@ -8,6 +8,7 @@ JSON text ops and the server answers `open` and `step` with one binary scores fr
         {"op": "step", "ids": [id, ...]}        one chosen id per live row
         {"op": "keep", "rows": [r, ...]}        strictly increasing live-row indices (no reply)
         {"op": "exact", "rows": [r, ...], "ids": [[id, ...], ...]}   topk only: this step's exact logits of a few ids
+        {"op": "more", "rows": [r, ...], "depth": d}   topk only: this step's d best ids (a top-k frame)
         {"op": "full", "rows": [r, ...]}        topk only: this step's full rows (exact sampling)
         {"op": "close"}                         end the session (no reply); a new `open` may follow
   down  binary: HEADER (magic, version, format code, rows, cols) + payload; errors: JSON {"error", "code"}
@@ -39,7 +40,7 @@ HEADER = struct.Struct("<4sHHII")  # magic, protocol, format code, rows, cols
 FORMATS = {"f32": (1, torch.float32), "f16": (2, torch.float16), "bf16": (3, torch.bfloat16)}
 _BY_CODE = {code: (name, dtype) for name, (code, dtype) in FORMATS.items()}
 TOPK, TOPK_CODE, MAX_TOPK = "topk", 4, 4096
-OPS = ("open", "step", "keep", "exact", "full", "close")
+OPS = ("open", "step", "keep", "exact", "more", "full", "close")
 
 
 class RemoteCloudError(PocketLMError):
