@@ -143,6 +143,25 @@ def test_exact_gives_the_true_logprob(tiny, max_logprobs, via):
         srv.close()
 
 
+def test_more_ranks_deeper_where_the_server_allows(make, tiny):
+    """The engine deepens a row before asking for ids: the same step asked with a wider logprobs."""
+    model, tok = tiny
+    srv = OpenAIServer(model, tok, max_logprobs=len(tok))
+    try:
+        with OpenAICloud(srv.url, tok, prompt="ids", logprobs=4) as cloud:
+            prompts = [chat_ids(tok, p) for p in PROMPTS[:2]]
+            cloud.prefill(prompts)
+            deep = cloud.more([1], 40)
+            assert deep.ids.shape == (1, 40)
+            check_sound(deep, prompts[1:], model, len(tok), exact_ids=True)
+    finally:
+        srv.close()
+    capped = make(prompt="ids", logprobs=4)  # the module server caps logprobs at 50
+    capped.prefill([chat_ids(tok, PROMPTS[0])])
+    with pytest.raises(NotCertifiable, match="caps logprobs"):
+        capped.more([0], 64)
+
+
 def test_exact_refuses_a_candidate_text_cannot_carry(make, tiny):
     model, tok = tiny
     cloud = make(prompt="text", logprobs=5)
@@ -287,14 +306,16 @@ def test_unreachable_server_and_wrong_key(tiny):
     assert is_openai("openai+http://h:1") and is_openai("openai+https://h") and not is_openai("http://h:1")
 
 
-def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair):
-    """The engine certifies each greedy token from the server's top-K (asking exact log-probs by echo when the
-    top-K cannot rule an id out): tokens equal steering with the cloud model in process."""
+@pytest.mark.parametrize("max_logprobs", [50, 260])
+def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair, max_logprobs):
+    """The engine certifies each greedy token from the server's top-K, deepening and asking exact log-probs when
+    the top-K cannot rule an id out (by echo where the server caps logprobs, like vLLM; by wider answers where
+    it does not, like llama.cpp): tokens equal steering with the cloud model in process."""
     cloud_model, device, tok = serve_pair
     methods = parse_methods("cloud,closed_form,plausible,costeer")
     reqs = [SteerRequest.with_context(q, "I am Ann, a baker; I love the sea and boats.") for q in PROMPTS[:2] * 2]
     ref = SteerEngine(HFCloudBackend(cloud_model, tok), tok, device, tok).generate(reqs, methods, max_new_tokens=10)
-    srv = OpenAIServer(cloud_model, tok)
+    srv = OpenAIServer(cloud_model, tok, max_logprobs=max_logprobs)
     try:
         engine = load_engine("openai+" + srv.url, "tiny-device", loader=lambda spec, **kw: (device, tok),
                              cloud_prompt="ids", cloud_logprobs=8)
@@ -303,7 +324,7 @@ def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair):
         assert isinstance(engine.cloud, OpenAICloud) and engine.cloud.prompt_mode == "ids"
         assert [g.token_ids for g in out] == [g.token_ids for g in ref]
         assert engine.downlink["uncertified"] == 0 and engine.downlink["rows"] > 0
-        assert engine.cloud.stats["exact_requests"] > 0
+        assert engine.cloud.stats["exact_requests" if max_logprobs < len(tok) else "wide_requests"] > 0
         engine.close()
         engine.cloud.close()
     finally:

@@ -178,7 +178,9 @@ class OpenAICloud:
                 return self._top(seq)
             raise OpenAICloudError(f"{self.url} answered without top_logprobs (llama.cpp needs --logits_all true; "
                                    f"vLLM --max-logprobs >= {self.k})")
-        row = self._parse(tops, self.k)
+        return self._settled(seq, self._parse(tops, self.k))
+
+    def _settled(self, seq: list[int], row: RowTop) -> RowTop:
         if row.bound > row.floor:
             self._count("ambiguous_steps")
             self._resolve_eos(seq, row)
@@ -355,6 +357,31 @@ class OpenAICloud:
         self._excluded[r] = True
         self._count("excluded_ids")
         return EXCLUDED
+
+    def more(self, rows: list[int], depth: int) -> TopKLogits:
+        """The `depth` best ids of these live rows and a new bound, from the same step asked with
+        `logprobs=depth` (concurrently); `NotCertifiable` where the server caps logprobs below it."""
+        if not self._wide:
+            raise NotCertifiable(f"{self.url} caps logprobs; it cannot rank deeper than {self.k}")
+
+        def deeper(r: int) -> RowTop:
+            width = min(depth, self.vocab_rows)
+            try:
+                choice, _ = self._complete(self._seqs[r], logprobs=width)
+            except LogprobsCapped as e:
+                self._wide = False
+                raise NotCertifiable(f"{self.url} caps logprobs ({e})") from None
+            self._count("wide_requests")
+            top = self._tops_of(choice)
+            if top is None or not self._lines_up(top, self._tops[r]):
+                self._count("misaligned")
+                raise NotCertifiable(f"{self.url}'s deeper answer does not line up with its step answer")
+            row = self._settled(self._seqs[r], self._parse(top, width))
+            row.known = {**self._tops[r].known, **row.known}
+            self._tops[r] = row
+            return row
+
+        return self._topk(list(self._pool.map(deeper, rows)))
 
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
         """Log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's answer,
