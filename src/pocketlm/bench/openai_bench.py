@@ -86,7 +86,8 @@ class LlamaServer:
 def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int) -> dict:
     ms = parse_methods(methods)
     engine = SteerEngine(cloud, dev_tok, dev_model, dev_tok)
-    totals = dict.fromkeys(("rows", "certified", "exact_requests", "exact_ids", "full_rows", "uncertified"), 0)
+    totals = dict.fromkeys(("rows", "certified", "deepened", "exact_requests", "exact_ids", "full_rows",
+                            "uncertified"), 0)
     gens, t0 = [], time.perf_counter()
     for q, c in REQUESTS[:requests]:  # one request's methods per generate (a device batch)
         gens += engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
