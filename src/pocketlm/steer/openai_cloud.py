@@ -3,8 +3,9 @@
 Each live row's step is one `POST /v1/completions` with `max_tokens=1, logprobs=K, echo=false,
 temperature=0`: the server answers its top-K log-probs, which become a `TopKLogits` (ids, log-probs, and a
 bound no other id exceeds; see `openai_pieces.py` for how token strings are read back soundly). The engine
-certifies the fused greedy token from that and asks `exact()` for the few ids it cannot rule out; `exact()`
-sends the prompt plus the candidate with `echo=true` and reads the candidate's own log-prob.
+certifies the fused greedy token from that; to rule out more ids it deepens the row (`more`: the same step
+asked with a wider `logprobs`) and asks `exact()` for the few ids left: a wider answer where the server allows
+one (llama.cpp), else per id the prompt plus the candidate with `echo=true` (vLLM caps `logprobs`).
 
 Prompts: `ids` sends token ids (vLLM; exact). `text` sends the ids decoded to text (llama.cpp accepts only
 text): the server re-tokenizes it, so the cloud may condition on a slightly different id sequence than the
