@@ -113,9 +113,17 @@ class Deaf(TruncatedCloud):
         raise NotCertifiable("no full rows here")
 
 
-def test_a_cloud_that_cannot_answer_leaves_rows_uncertified_and_picks_a_known_token(serve_pair):
+class Vague(Deaf):
+    """Answers, but cannot name the ids it is asked for (NaN: e.g. a text server's unnamed special tokens)."""
+
+    def exact(self, rows, ids):
+        return [torch.full((len(i),), float("nan")) for i in ids]
+
+
+@pytest.mark.parametrize("kind", [Deaf, Vague])
+def test_a_cloud_that_cannot_answer_leaves_rows_uncertified_and_picks_a_known_token(serve_pair, kind):
     cloud, _, tok = serve_pair
-    backend = Deaf(HFCloudBackend(cloud, tok), 3)
+    backend = kind(HFCloudBackend(cloud, tok), 3)
     seen: list[set[int]] = []
     step = backend.step
 
@@ -126,6 +134,7 @@ def test_a_cloud_that_cannot_answer_leaves_rows_uncertified_and_picks_a_known_to
     backend.step = record
     out, engine = decode(backend, serve_pair, "closed_form", tokens=12)
     assert engine.downlink["uncertified"] > 0
+    assert (engine.downlink["excluded_ids"] > 0) == (kind is Vague)
     assert all(t in s for t, s in zip(out[0].token_ids[1:], seen, strict=False))
 
 

@@ -48,6 +48,7 @@ class DownlinkStats:
     exact_requests: int = 0    # rows that asked for exact scores of a few ids
     exact_ids: int = 0
     full_rows: int = 0         # rows fetched whole (sampling in exact mode, or too many ids to ask for)
+    excluded_ids: int = 0      # ids the cloud could not score (NaN): left out of a choice that then is not certified
     deepened: int = 0          # times a row's top-k was extended (PartialCloud.more)
     deepened_ids: int = 0
     uncertified: int = 0       # the cloud could not answer: the best known token was taken (counted, logged)
@@ -71,6 +72,7 @@ class Certifier:
         self.stats = stats
         self._asked: set[int] = set()
         self.failed: set[int] = set()
+        self.excluded: set[int] = set()
 
     def prepare(self, sampling) -> None:
         """Before the first choice: in sampling, fetch whole rows (exact) or drop the unknown ids (truncated)."""
@@ -159,9 +161,18 @@ class Certifier:
         self.stats.full_rows += len(rows)
 
     def _correct(self, p: int, ids: torch.Tensor, exact_lp: torch.Tensor) -> None:
-        """Replace the bound by the exact cloud log-probability in the fused and the cloud rows of these ids."""
+        """Replace the bound by the exact cloud log-probability in the fused and the cloud rows of these ids. A NaN
+        is an id the cloud cannot score (e.g. a text server's unnamed special token): it is left out of the choice
+        and the row counts as uncertified."""
+        missing = torch.isnan(exact_lp)
+        if bool(missing.any()):
+            if p not in self.excluded:
+                self.excluded.add(p)
+                self.stats.uncertified += 1
+            self.stats.excluded_ids += int(missing.sum())
+            exact_lp = exact_lp.masked_fill(missing, NEG)
         self.scores[p, ids] += exact_lp - self.bound[p]
-        dropped = exact_lp < self.floors[p]
+        dropped = (exact_lp < self.floors[p]) | missing
         if bool(dropped.any()):
             self.scores[p, ids[dropped]] = NEG
         self.cloud[p, ids] = exact_lp

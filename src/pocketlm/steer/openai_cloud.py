@@ -42,7 +42,7 @@ __all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", 
 PROMPT_MODES = ("auto", "ids", "text")
 SCHEME = "openai+"
 WIDE = 1024  # the first wider answer `exact` asks for (then the whole vocabulary)
-EXCLUDED = -1e4  # the log-prob `exact`/`full` give ids they cannot name (no token has it)
+EXCLUDED = math.nan  # what `exact`/`full` give ids they cannot name: the engine leaves them out, uncertified
 END_LIKELY = math.log(0.01)  # an ambiguous key this likely that may be an end token is resolved by echo
 ALIGN_TOL = 2e-3  # nats: an echoed position must reproduce the step's best log-prob this closely
 
