@@ -94,7 +94,10 @@ def test_bad_message_in_session_refused(serve_server, after_open, code):
     ws.recv(timeout=10)
     ws.send(after_open)
     if after_open.startswith('{"op":"keep"'):  # keep has no reply: its error answers the next step
-        ws.send(op("step", ids=[1]))
+        try:
+            ws.send(op("step", ids=[1]))
+        except ConnectionClosed:  # a malformed keep is refused at once: the server may have closed already
+            pass
     reply = json.loads(ws.recv(timeout=10))
     assert reply["code"] == code
 
