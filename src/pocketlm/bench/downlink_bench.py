@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..progress import progress
+from ..steer.certify import DownlinkStats
 from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
 from ..steer.methods import parse_methods
 from ..steer.remote import RemoteCloud, RemoteTopK
@@ -49,14 +50,14 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
         for name, make in progress(clients, desc="downlink formats", total=len(clients)):
             with make() as rc:
                 engine = SteerEngine(rc, dev_tok, dev_model, dev_tok, slice_to_tokenizer=not geometry)
-                gens = []
+                gens, totals = [], DownlinkStats()
                 for i in range(0, len(reqs), len(ms)):  # one request's methods per generate (a device batch)
                     gens += engine.generate(reqs[i:i + len(ms)], row_methods[i:i + len(ms)], max_new_tokens=tokens)
                     if engine.downlink:
-                        _add(doc["rows"].setdefault(name, {}), engine.downlink)
+                        totals.add(engine.downlink)
                 engine.close()
                 made = sum(len(g.token_ids) + (g.finish == "eos") for g in gens)
-                row = doc["rows"].setdefault(name, {})
+                row = doc["rows"].setdefault(name, totals.as_dict() if totals.rows else {})
                 row.update(tokens=made, down_per_token=rc.bytes_down / made, up_per_token=rc.bytes_up / made,
                            messages_up=rc.messages_up)
                 if reference is None:
@@ -64,7 +65,6 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
                 row["identical_to_f32"] = sum(g.token_ids == r for g, r in zip(gens, reference, strict=True))
                 row["generations"] = len(gens)
                 if "rows" in row:
-                    row["certified_share"] = row["certified"] / row["rows"]
                     row["exact_ids_per_token"] = row["exact_ids"] / made
     f32 = doc["rows"]["f32"]["down_per_token"]
     for row in doc["rows"].values():
@@ -72,8 +72,3 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
     doc["vocab_rows"] = dev_model.get_output_embeddings().weight.shape[0]
     return doc
 
-
-def _add(acc: dict, stats: dict) -> None:
-    for key in ("rows", "certified", "exact_requests", "exact_ids", "full_rows", "uncertified", "deepened",
-                "deepened_ids"):
-        acc[key] = acc.get(key, 0) + stats[key]

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import PocketLMError
 from ..models.builtin import BUILTIN_MODELS, builtin_gguf
 from ..progress import progress
+from ..steer.certify import DownlinkStats
 from ..steer.decoding import SteerEngine, SteerRequest
 from ..steer.methods import parse_methods
 from ..steer.openai_cloud import OpenAICloud
@@ -86,18 +87,17 @@ class LlamaServer:
 def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int) -> dict:
     ms = parse_methods(methods)
     engine = SteerEngine(cloud, dev_tok, dev_model, dev_tok)
-    totals = dict.fromkeys(("rows", "certified", "deepened", "exact_requests", "exact_ids", "full_rows",
-                            "uncertified"), 0)
+    stats = DownlinkStats()
     gens, t0 = [], time.perf_counter()
     for q, c in REQUESTS[:requests]:  # one request's methods per generate (a device batch)
         gens += engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
-        for k in totals:
-            totals[k] += engine.downlink[k]
+        stats.add(engine.downlink)
     wall = time.perf_counter() - t0
     engine.close()
     made = sum(len(g.token_ids) for g in gens)
+    totals = stats.as_dict()
     http = cloud.http
-    return {**totals, "certified_share": totals["certified"] / totals["rows"], "tokens": made,
+    return {**totals, "tokens": made,
             "generations": [g.token_ids for g in gens], "texts": [g.text for g in gens],
             "cloud_stats": dict(cloud.stats), "requests_per_token": http.requests / made,
             "bytes_up_per_token": http.bytes_up / made, "bytes_down_per_token": http.bytes_down / made,

@@ -14,7 +14,7 @@ from ..bench.train_bench import bench_train
 from ..errors import PocketLMError
 from ..jsonfile import write_json
 from .app import bench_app, console
-from .options import BatchOpt, DeviceOpt, DtypeOpt, ExpertsOpt, JsonOutOpt, PathsOpt, SeqOpt
+from .options import BatchOpt, DeviceOpt, DtypeOpt, ExpertsOpt, JsonOutOpt, PathsOpt, SeqOpt, int_list
 
 
 def hardware() -> str:
@@ -210,10 +210,7 @@ def bench_openai_cmd(
     """Steering through an OpenAI-compatible server: top-K certification, exact requests, round trip and bytes."""
     from ..bench.openai_bench import bench_openai
 
-    try:
-        k_list = tuple(int(k) for k in ks.split(","))
-    except ValueError:
-        raise PocketLMError(f"--ks must be a comma list of integers, got {ks!r}") from None
+    k_list = int_list(ks, "--ks")
     if server is None:
         try:
             import llama_cpp  # noqa: F401

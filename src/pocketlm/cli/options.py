@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..bench.train_bench import BENCH_PATHS
+from ..errors import PocketLMError
 
 DeviceOpt = Annotated[str, typer.Option(help="cpu | cuda (default: cuda when present)")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
@@ -34,6 +35,14 @@ CloudLogprobsOpt = Annotated[int, typer.Option(
 CloudPromptOpt = Annotated[str, typer.Option(
     help="OpenAI-compatible cloud prompts: ids (vLLM; exact) | text (llama.cpp; the server re-tokenizes) | auto "
          "(ids, else text).")]
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """A comma list of integers from the command line (`--ks 16,64`), or a one-line error naming the option."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PocketLMError(f"{option} must be a comma list of integers, got {text!r}") from None
+
 
 # guards after any fusion rule (steer, eval-steer, demo)
 MaxCopyOpt = Annotated[int, typer.Option(

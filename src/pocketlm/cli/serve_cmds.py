@@ -13,7 +13,7 @@ from ..errors import PocketLMError
 from ..jsonfile import write_json
 from .app import app, bench_app, console
 from .bench_cmds import hardware
-from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt
+from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
 from .steer_cmds import _threads
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,7 @@ def bench_downlink_cmd(
     from ..bench.downlink_bench import bench_downlink
 
     _threads(threads)
-    try:
-        k_list = tuple(int(k) for k in ks.split(","))
-    except ValueError:
-        raise PocketLMError(f"--ks must be a comma list of integers, got {ks!r}") from None
+    k_list = int_list(ks, "--ks")
     doc = bench_downlink(cloud, local, ks=k_list, tokens=tokens, methods=methods, device=device, dtype=dtype)
     doc.update(hardware=hardware(), torch=torch.__version__)
     table = Table(title=f"downlink, cloud {cloud} / device {local} ({doc['vocab_rows']} rows), {methods}, greedy, "

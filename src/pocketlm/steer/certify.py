@@ -53,6 +53,11 @@ class DownlinkStats:
     deepened_ids: int = 0
     uncertified: int = 0       # the cloud could not answer: the best known token was taken (counted, logged)
 
+    def add(self, counts: dict) -> None:
+        """Add another generation's counts (an `as_dict()`), e.g. to total a benchmark's generations."""
+        for key in self.__dataclass_fields__:
+            setattr(self, key, getattr(self, key) + counts[key])
+
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["certified_share"] = self.certified / self.rows if self.rows else None

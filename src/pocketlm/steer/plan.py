@@ -120,8 +120,9 @@ class DecodePlan:
         self._fallback = view.cloud if view.cloud is not None else view.ctx  # what a guard falls back to
         scores = torch.empty(self.live.numel(), vocab, device=ref.device)
         steered = torch.zeros(self.live.numel(), dtype=torch.bool)
-        floors = torch.full((self.live.numel(),), float("-inf"), device=ref.device)
-        uses_cloud = torch.zeros(self.live.numel(), dtype=torch.bool)
+        if top is not None:  # what certifying a truncated cloud step needs per row
+            floors = torch.full((self.live.numel(),), float("-inf"), device=ref.device)
+            uses_cloud = torch.zeros(self.live.numel(), dtype=torch.bool)
         for g, pos in self._positions():
             sub = view.select(pos.to(ref.device))
             scores[pos.to(ref.device)], steered[pos] = g.rule.fuse(sub)
