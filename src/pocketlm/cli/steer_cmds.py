@@ -151,6 +151,8 @@ def eval_steer_cmd(
     kappas: str = typer.Option(None, help="Extra closed_form kappas for sensitivity, e.g. 0.5,1,3."),
     limit: int = typer.Option(None, help="First N rows only (after --offset)."),
     offset: int = typer.Option(0, help="Skip the first N rows (run slices separately, pool with eval-steer-merge)."),
+    ids: str = typer.Option(None, help="Only the rows with these ids (comma list), e.g. the rows "
+                            "eval-steer-overlay --plan says a guard may change."),
     max_new_tokens: MaxNewTokensOpt = 128,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -176,7 +178,7 @@ def eval_steer_cmd(
         raise PocketLMError(f"--limit must be >= 1, got {limit}")
     if offset < 0:
         raise PocketLMError(f"--offset must be >= 0, got {offset}")
-    examples = load_steer_data(data, limit, offset)
+    examples = _select_ids(load_steer_data(data, limit, offset), ids)
     guards = build_guards(max_copy, _words(protect), no_repeat_ngram)
     ms = [m.with_guards(*guards) for m in parse_methods(methods, kappas)]
     _threads(threads)
@@ -184,6 +186,7 @@ def eval_steer_cmd(
     engine = load_engine(cloud, local, device=device, dtype=dtype, vocab=vocab, overlap=overlap, kv=kv,
                          cloud_logprobs=cloud_logprobs, cloud_prompt=cloud_prompt)
     settings = {"settings": {"data": str(data), "cloud": cloud, "local": local, "limit": limit, "offset": offset,
+                             "ids": [e.id for e in examples] if ids else None,
                              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                              "seed": seed, "dtype": dtype, "vocab": vocab, "kv": kv, "hardware": hardware(),
                              "guards": [g.name for g in guards],
@@ -204,21 +207,69 @@ def eval_steer_merge_cmd(
     from ..data.steering import load_steer_data
     from ..eval.steer_eval import merge_runs
 
-    docs = []
-    for path in runs:
-        try:
-            docs.append(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise PocketLMError(f"eval-steer result {path} not found") from None
-        except json.JSONDecodeError as e:
-            raise PocketLMError(f"{path} is not an eval-steer JSON file ({e.msg})") from None
-        if not isinstance(docs[-1], dict) or "examples" not in docs[-1] or "methods" not in docs[-1]:
-            raise PocketLMError(f"{path} is not an eval-steer JSON file (no 'methods'/'examples')")
+    docs = [_read_eval_doc(path) for path in runs]
     doc = merge_runs(docs, load_steer_data(data))
     doc["settings"]["data"] = str(data)
     _print_scores(doc, f"eval-steer pooled over {len(runs)} runs: {doc['examples_done']} rows")
     if json_out:
         write_json(doc, json_out, indent=1, ensure_ascii=False)
+
+
+def _select_ids(examples: list, ids: str | None) -> list:
+    if not ids:
+        return examples
+    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    known = {e.id for e in examples}
+    unknown = [i for i in wanted if i not in known]
+    if not wanted or unknown:
+        raise PocketLMError(f"--ids: no row with id {', '.join(map(repr, unknown[:5]))}" if unknown
+                            else "--ids needs at least one id")
+    keep = set(wanted)
+    return [e for e in examples if e.id in keep]
+
+
+def _read_eval_doc(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PocketLMError(f"eval-steer result {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise PocketLMError(f"{path} is not an eval-steer JSON file ({e.msg})") from None
+    if not isinstance(doc, dict) or "examples" not in doc or "methods" not in doc:
+        raise PocketLMError(f"{path} is not an eval-steer JSON file (no 'methods'/'examples')")
+    return doc
+
+
+@app.command("eval-steer-overlay")
+def eval_steer_overlay_cmd(
+    base: Path = typer.Argument(..., help="An unguarded greedy eval-steer (or eval-steer-merge) JSON."),
+    patches: list[Path] = typer.Argument(None, help="eval-steer JSONs of the rows regenerated with --max-copy N."),
+    data: Path = typer.Option(..., help="The data file the runs read."),
+    max_copy: int = typer.Option(..., help="The guard's N (words)."),
+    methods: str = typer.Option(None, help="Comma list of the base's methods to score (default: all)."),
+    plan: bool = typer.Option(False, "--plan", help="Only list, per method, the rows the guard may change."),
+    json_out: Path = typer.Option(None, "--json", help="Write the guarded run's scores here."),
+) -> None:
+    """Score a --max-copy N run from an unguarded one plus the rows the guard may change, regenerated.
+
+    Greedy rows that the guard provably leaves alone are reused (each one is checked)."""
+    from ..data.steering import load_steer_data
+    from ..eval.steer_overlay import needs_regeneration, overlay_runs
+
+    doc = _read_eval_doc(base)
+    examples = load_steer_data(data)
+    names = [n.strip() for n in methods.split(",") if n.strip()] if methods else None
+    if plan:
+        for name, rows in needs_regeneration(doc, examples, max_copy).items():
+            if names and name not in names:
+                continue
+            typer.echo(f"{name}: {len(rows)} of {len(doc['examples'])} rows" + (f" --ids {','.join(rows)}" if rows else ""))
+        return
+    out = overlay_runs(doc, [(str(p), _read_eval_doc(p)) for p in patches or []], examples, max_copy, names)
+    ov = out["overlay"]
+    _print_scores(out, f"--max-copy {max_copy}: {ov['regenerated']} rows regenerated, {ov['reused']} reused unchanged")
+    if json_out:
+        write_json(out, json_out, indent=1, ensure_ascii=False)
 
 
 def _leak_cells(leak: dict | None) -> tuple[str, str, str]:

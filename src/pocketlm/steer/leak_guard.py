@@ -109,3 +109,26 @@ def parse_front_matter(text: str) -> tuple[str, list[str]]:
             raise PocketLMError(f"context file: unknown front-matter line {line.strip()!r} (only 'protect: w1, w2')")
         protect += [w.strip().strip("'\"") for w in value.strip().strip("[]").split(",") if w.strip()]
     return "\n".join(lines[end + 1:]), protect
+
+
+def max_copy_untouched(text: str, context: str, query: str, n: int) -> bool:
+    """Would `MaxCopy(n)` have let a generation of `text` through without refusing one token?
+
+    Used to reuse unguarded greedy generations as guarded ones (eval-steer-overlay): under greedy decoding a
+    guard that refuses nothing changes nothing. The guard judges the text after each candidate token, and a
+    token may end inside a word, so every character prefix of `text` is checked (its last word possibly cut):
+    a sufficient condition, since the guard only ever sees such prefixes (or a shorter tail of them).
+    """
+    forbidden = ngrams(words(context), n + 1) - ngrams(words(query), n + 1)
+    if not forbidden:
+        return True
+    firsts = {g[:-1] for g in forbidden}
+    spans = [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"\w+", text, re.UNICODE)]
+    for i in range(n, len(spans)):
+        head = tuple(w for _, _, w in spans[i - n:i])
+        if head not in firsts:
+            continue
+        last = spans[i][2]
+        if any(head + (last[:k],) in forbidden for k in range(1, len(last) + 1)):
+            return False
+    return True
