@@ -34,6 +34,7 @@ def test_untouched_rows_are_exactly_the_guarded_rows(method):
     cloud, tok = build_tiny("tiny-qwen2", seed=1, vocab_size=300)
     eng = SteerEngine(HFCloudBackend(cloud, tok), tok, cloud, tok)
     m = get_method(method)
+    compared = 0
     for ctx in (CONTEXT, "zq xv wk"):
         req = SteerRequest.with_context("Say it.", ctx)
         free = eng.generate([req], [m], max_new_tokens=16)[0]
@@ -41,6 +42,8 @@ def test_untouched_rows_are_exactly_the_guarded_rows(method):
             if max_copy_untouched(free.text, ctx, req.query, n):
                 guarded = eng.generate([req], [m.with_guards(MaxCopy(n))], max_new_tokens=16)[0]
                 assert guarded.token_ids == free.token_ids and guarded.guard_rejections == 0
+                compared += 1
+    assert compared >= 3  # the check passed on some rows, so the equality was actually tested
 
 
 def _data(tmp_path):
