@@ -102,6 +102,9 @@ def test_overlay_refuses_what_it_cannot_vouch_for(tmp_path):
     assert "greedy" in str(res.exception)
     res = cli.invoke(app, ["eval-steer-overlay", str(run), "--data", str(data), "--max-copy", "3", "--methods", "nope"])
     assert "no method 'nope'" in str(res.exception)
+    res = cli.invoke(app, ["eval-steer-overlay", str(run), "--data", str(data), "--max-copy", "3", "--methods", "nope",
+                           "--plan"])
+    assert "no method 'nope'" in str(res.exception)
     res = cli.invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
                            "--ids", "r9"])
     assert "no row with id 'r9'" in str(res.exception)

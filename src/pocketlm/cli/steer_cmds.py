@@ -218,7 +218,7 @@ def eval_steer_merge_cmd(
 def _select_ids(examples: list, ids: str | None) -> list:
     if not ids:
         return examples
-    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    wanted = _words(ids)
     known = {e.id for e in examples}
     unknown = [i for i in wanted if i not in known]
     if not wanted or unknown:
@@ -258,11 +258,9 @@ def eval_steer_overlay_cmd(
 
     doc = _read_eval_doc(base)
     examples = load_steer_data(data)
-    names = [n.strip() for n in methods.split(",") if n.strip()] if methods else None
+    names = _words(methods) or None
     if plan:
-        for name, rows in needs_regeneration(doc, examples, max_copy).items():
-            if names and name not in names:
-                continue
+        for name, rows in needs_regeneration(doc, examples, max_copy, names).items():
             typer.echo(f"{name}: {len(rows)} of {len(doc['examples'])} rows" + (f" --ids {','.join(rows)}" if rows else ""))
         return
     out = overlay_runs(doc, [(str(p), _read_eval_doc(p)) for p in patches or []], examples, max_copy, names)

@@ -17,11 +17,19 @@ from .steer_eval import _kappa_value, _MethodInfo, score
 SAME_KEYS = ("max_new_tokens", "temperature", "top_p", "dtype", "vocab")
 
 
-def needs_regeneration(base: dict, examples: list[SteerExample], max_copy: int) -> dict[str, list[str]]:
-    """Per method of an unguarded run: the ids of the rows `MaxCopy(max_copy)` might have changed."""
+def _known_methods(base: dict, names: list[str]) -> None:
+    missing = [n for n in names if n not in base["methods"]]
+    if missing:
+        raise DataError(f"the base run has no method {', '.join(map(repr, missing))}")
+
+
+def needs_regeneration(base: dict, examples: list[SteerExample], max_copy: int,
+                       methods: list[str] | None = None) -> dict[str, list[str]]:
+    """Per method of an unguarded run (or of `methods`): the ids of the rows `MaxCopy(max_copy)` might have changed."""
+    _known_methods(base, methods or [])
     by_id = {e.id: e for e in examples}
     out: dict[str, list[str]] = {}
-    for name in base["methods"]:
+    for name in methods or base["methods"]:
         out[name] = [rec["id"] for rec in base["examples"]
                      if not max_copy_untouched(rec["outputs"][name]["text"], by_id[rec["id"]].private,
                                                by_id[rec["id"]].query, max_copy)]
@@ -54,9 +62,7 @@ def overlay_runs(base: dict, patches: list[tuple[str, dict]], examples: list[Ste
     if b.get("guards"):
         raise DataError(f"the base run already ran with guards {b['guards']}; give an unguarded run")
     names = methods or list(base["methods"])
-    missing = [n for n in names if n not in base["methods"]]
-    if missing:
-        raise DataError(f"the base run has no method {', '.join(map(repr, missing))}")
+    _known_methods(base, names)
     by_id = {e.id: e for e in examples}
     patched: dict[tuple[str, str], dict] = {}
     for where, doc in patches:
@@ -93,8 +99,8 @@ def overlay_runs(base: dict, patches: list[tuple[str, dict]], examples: list[Ste
     if extra:
         raise DataError(f"patch rows not in the base run: {', '.join(extra[:5])}")
     doc = score([_MethodInfo(n, base["methods"][n]) for n in names], outputs, refs, used)
-    settings = dict(base.get("settings", {}))
-    settings.update(guards=[f"max_copy_{max_copy}"], kappas={n: base["settings"].get("kappas", {}).get(n) for n in names})
+    settings = dict(b)
+    settings.update(guards=[f"max_copy_{max_copy}"], kappas={n: b.get("kappas", {}).get(n) for n in names})
     doc.update(settings=settings, examples_done=len(records), overlay={"reused": reused, "regenerated": regenerated,
                "patches": [w for w, _ in patches]}, examples=records)
     return doc

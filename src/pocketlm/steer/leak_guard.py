@@ -44,6 +44,11 @@ class _TextGuard:
         return prev, after[start:]
 
 
+def forbidden_spans(context: str, query: str, n: int) -> set[tuple[str, ...]]:
+    """The (n+1)-word spans of the private context that MaxCopy(n) refuses (those of the public prompt are free)."""
+    return ngrams(words(context), n + 1) - ngrams(words(query), n + 1)
+
+
 class MaxCopy(_TextGuard):
     def __init__(self, n: int, tokenizer=None, spans: list[set] | None = None):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -54,8 +59,7 @@ class MaxCopy(_TextGuard):
         self.spans = spans or []
 
     def start(self, requests, tokenizer) -> MaxCopy:
-        spans = [ngrams(words(r.context), self.n + 1) - ngrams(words(r.query), self.n + 1) for r in requests]
-        return MaxCopy(self.n, tokenizer, spans)
+        return MaxCopy(self.n, tokenizer, [forbidden_spans(r.context, r.query, self.n) for r in requests])
 
     def allows(self, row: int, generated: list[int], token: int) -> bool:
         forbidden = self.spans[row]
@@ -119,16 +123,13 @@ def max_copy_untouched(text: str, context: str, query: str, n: int) -> bool:
     token may end inside a word, so every character prefix of `text` is checked (its last word possibly cut):
     a sufficient condition, since the guard only ever sees such prefixes (or a shorter tail of them).
     """
-    forbidden = ngrams(words(context), n + 1) - ngrams(words(query), n + 1)
+    forbidden = forbidden_spans(context, query, n)
     if not forbidden:
         return True
     firsts = {g[:-1] for g in forbidden}
-    spans = [(m.start(), m.end(), m.group().lower()) for m in re.finditer(r"\w+", text, re.UNICODE)]
-    for i in range(n, len(spans)):
-        head = tuple(w for _, _, w in spans[i - n:i])
-        if head not in firsts:
-            continue
-        last = spans[i][2]
-        if any(head + (last[:k],) in forbidden for k in range(1, len(last) + 1)):
+    ws = words(text)
+    for i in range(n, len(ws)):
+        head = tuple(ws[i - n:i])
+        if head in firsts and any(head + (ws[i][:k],) in forbidden for k in range(1, len(ws[i]) + 1)):
             return False
     return True
