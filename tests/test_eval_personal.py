@@ -49,7 +49,7 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc["users"]) == {"alice", "bob", "carol"}
     for rows in [*doc["users"].values(), doc["mean"]]:
-        assert set(rows) == {"cloud", "cloud_prompted", "weights", "context", "both"}
+        assert set(rows) == {"cloud", "cloud_prompted", "weights", "context", "both", "specialist"}
         for r in rows.values():
             assert 0 <= r["match"] <= 1 and 0 <= r["distinct2"] <= 1 and r["n"] >= 1
     assert doc["settings"]["match"] == "nearest_unigram_user"
@@ -62,6 +62,9 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
     res = runner.invoke(app, ["steer", "Say hi.", "--cloud", "tiny-llama", "--local", "tiny-llama", "--adapters",
                               str(run / "users" / "bob"), "--signal", "weights", "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output  # one prompt from the command line, streamed, steered by bob's model
+    res = runner.invoke(app, ["steer", "Say hi.", "--cloud", "tiny-llama", "--local", "tiny-llama", "--adapters",
+                              str(run / "users" / "bob"), "--signal", "specialist", "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output  # bob's private experts' contribution alone
     res = runner.invoke(app, ["steer", "Say hi.", "--cloud", "tiny-llama", "--local", "tiny-llama", "--signal", "weights"])
     assert res.exit_code != 0 and "--adapters" in str(res.exception)
     res = runner.invoke(app, ["eval-personal", "--run", str(tmp_path), "--max-new-tokens", "4"])

@@ -1,5 +1,5 @@
 """The personal model steers: a user's CoMiGS adapters load onto the base, adapters switch per row inside one
-batched forward, and the `weights` / `both` signals decode what their formulas say."""
+batched forward, and the `weights` / `both` / `specialist` signals decode what their formulas say."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe, save_parts, shared_base_view
 from pocketlm.moe.personal import ADAPTER_CONFIG, load_personal
-from pocketlm.moe.row_adapters import adapter_rows
+from pocketlm.moe.row_adapters import BASE, PERSONAL, SHARED, adapter_rows
 from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.decoding import SteerEngine, SteerRequest
 from pocketlm.steer.methods import get_method
 
 
-def _trained_user(base, tmp_path, experts=2, seed=0):
+def _trained_user(base, tmp_path, experts=2, seed=0, shared=("generalist", "attn_lora")):
     """A user's adapter folder with non-zero adapters (as after training)."""
     model = inject_moe(shared_base_view(base), MoEConfig(num_experts=experts, seed=seed))
     g = torch.Generator().manual_seed(seed)
@@ -24,7 +24,7 @@ def _trained_user(base, tmp_path, experts=2, seed=0):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in n else 0.1))
-    save_parts(model, tmp_path / "users" / "de", {"generalist", "attn_lora"})
+    save_parts(model, tmp_path / "users" / "de", set(shared))
     return model, tmp_path / "users" / "de"
 
 
@@ -79,6 +79,67 @@ def test_weights_signal_at_kappa_one_decodes_the_personal_model(base, tmp_path, 
         eng.generate([r], [both], max_new_tokens=2)
     g = eng.generate([SteerRequest.with_context("Write a haiku.", "I sail.")], [both], max_new_tokens=4)[0]
     assert g.steered_tokens == len(g.token_ids)
+
+
+def _shared_only_model(base, model, shared_experts, attn_shared):
+    """An independent construction of "the personal model with its private parts off": a copy whose private
+    experts' and (if private) attention LoRA's B factors are zero, so each private expert is the base MLP."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            private_expert = ".experts." in n and int(n.split(".experts.", 1)[1].split(".", 1)[0]) not in shared_experts
+            if n.endswith("lora_B") and (private_expert or (".attn_lora." in n and not attn_shared)):
+                p.zero_()
+    return ref
+
+
+@pytest.mark.parametrize("shared", [("generalist", "attn_lora"), ("generalist",), ()])
+def test_shared_rows_switch_off_exactly_the_private_parts(base, tmp_path, shared):
+    """A SHARED row is the personal model with the private experts' LoRA (and a private attention LoRA) off and the
+    router's gates kept; BASE and PERSONAL rows in the same forward are unchanged."""
+    model, folder = _trained_user(base[0], tmp_path, experts=3, shared=shared)
+    personal = load_personal(base[0], folder)
+    want = _shared_only_model(base[0], model, {0} if "generalist" in shared else set(), "attn_lora" in shared)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [5, 6, 7, 8]])
+    with torch.no_grad():
+        with adapter_rows(personal, torch.tensor([SHARED, BASE, PERSONAL])):
+            mixed = personal(input_ids=ids).logits
+        shared_only = want(input_ids=ids).logits
+        assert torch.allclose(mixed[0], shared_only[0], atol=1e-5)
+        assert torch.allclose(mixed[1], base[0](input_ids=ids[1:2]).logits[0], atol=1e-5)
+        assert torch.allclose(mixed[2], personal(input_ids=ids[2:3]).logits[0], atol=1e-5)
+        assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)  # the private expert does change the output
+
+
+def test_specialist_signal_is_zero_when_everything_is_shared_and_personal_minus_shared_otherwise(base, tmp_path):
+    """With every part shared (FedAvg's layout) the specialist signal is exactly zero: the steered cloud is the
+    cloud. Otherwise, with the cloud = the shared-only model, kappa 1 decodes the personal model itself."""
+    model, tok = base
+    _, folder = _trained_user(model, tmp_path / "fedavg", experts=1, shared=("generalist", "attn_lora"))
+    eng = SteerEngine(HFCloudBackend(model, tok), tok, load_personal(model, folder), tok)
+    r = SteerRequest("Write a haiku.")
+    steered, cloud = eng.generate([r, r], [get_method("closed_form@3").with_signal("specialist"),
+                                           get_method("cloud")], max_new_tokens=8, ignore_eos=True)
+    assert steered.token_ids == cloud.token_ids
+
+    trained, folder = _trained_user(model, tmp_path / "1g1s", experts=2)
+    personal = load_personal(model, folder)
+    shared_cloud = _shared_only_model(model, trained, {0}, True)
+    eng = SteerEngine(HFCloudBackend(shared_cloud, tok), tok, personal, tok)
+    steered, alone, cloud = eng.generate(
+        [r, r, r], [get_method("closed_form@1").with_signal("specialist"),
+                    get_method("device_with_context").with_signal("specialist"), get_method("cloud")],
+        max_new_tokens=10, ignore_eos=True)
+    assert steered.token_ids == alone.token_ids and steered.token_ids != cloud.token_ids
+
+
+def test_shared_rows_need_a_model_loaded_with_its_parts(base):
+    model = inject_moe(shared_base_view(base[0]), MoEConfig(num_experts=2))
+    with pytest.raises(PocketLMError, match="SHARED row needs a personal model"):
+        with adapter_rows(model, torch.tensor([SHARED])):
+            pass
 
 
 def test_bad_adapter_folders_are_clear_errors(base, tmp_path):

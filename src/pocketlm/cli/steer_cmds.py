@@ -107,7 +107,8 @@ def steer_cmd(
     adapters: Path = typer.Option(None, help="A user's adapter folder from a CoMiGS run (runs/.../users/<user>): "
                                   "the device becomes that user's personal model."),
     signal: str = typer.Option("context", help="What steers: context (log p(.|ctx,x) - log p(.|x)) | weights "
-                               "(log p_personal(.|x) - log p_base(.|x), needs --adapters, no context) | both."),
+                               "(log p_personal(.|x) - log p_base(.|x), needs --adapters, no context) | both | specialist "
+                               "(log p_personal(.|x) - log p_shared(.|x): what the private experts add; no context)."),
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal (overlap defaults to on for a step server)."""
     ctx, protected = "", _words(protect)

@@ -6,6 +6,8 @@ Methods (per user, one batched generation per prompt):
   weights         steered by what the user's adapters learned: log p_personal(.|x) - log p_base(.|x)
   context         steered by a one-sentence profile as private context (CoSteer's delta on the personal model)
   both            log p_personal(.|profile, x) - log p_base(.|x)
+  specialist      log p_personal(.|x) - log p_shared(.|x): what the user's private experts add over the shared
+                  parts (no context; zero by construction for a model whose parts are all shared, e.g. FedAvg)
 Scores: target match (the output is in the user's language / nearest to the user's topic), the cloud's own
 perplexity of the output (fluency) and distinct-2 (degeneration), per user and averaged over users.
 """
@@ -24,7 +26,7 @@ from .personal_metrics import cloud_perplexity, distinct2
 
 log = logging.getLogger(__name__)
 
-PERSONAL_METHODS = ("cloud", "cloud_prompted", "weights", "context", "both")
+PERSONAL_METHODS = ("cloud", "cloud_prompted", "weights", "context", "both", "specialist")
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ def _row(method: str, prompt: str, t: UserTarget, kappa: float, fusion: str = "c
         return SteerRequest(prompt), get_method("cloud")
     if method == "cloud_prompted":
         return SteerRequest(f"{prompt} {t.hint}"), get_method("cloud")
-    if method == "weights":
-        return SteerRequest(prompt), steer.with_signal("weights")
+    if method in ("weights", "specialist"):
+        return SteerRequest(prompt), steer.with_signal(method)
     return SteerRequest.with_context(prompt, t.profile), steer.with_signal(method)
 
 

@@ -57,6 +57,7 @@ class AttnLoRALinear(nn.Module):
         fin, fout = linear_shape(base)
         self.attn_lora = LoRAFactors(fin, fout, rank, alpha, dtype=base.weight.dtype, device=base.weight.device)
         self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
+        self.shared = False  # does the server average this LoRA (set on loading; SHARED rows keep it on then)
 
     @property
     def weight(self):  # some attention code reads proj.weight (dtype checks)
@@ -64,5 +65,5 @@ class AttnLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_mask is not None:
-            return self.base(x) + self.row_mask.lora(self.attn_lora(x))
+            return self.base(x) + self.row_mask.lora(self.attn_lora(x), self.shared)
         return self.base(x) + self.attn_lora(x)

@@ -55,6 +55,7 @@ class MixtureMLP(nn.Module):
             else:
                 self.router = nn.Linear(hidden, num_experts, bias=False, dtype=w.dtype, device=w.device)
         self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
+        self.shared_experts: frozenset[int] | None = None  # which experts the server averages (set on loading)
         # Nothing a forward computes stays on the module: the balance loss goes to a sink that exists only
         # inside `collect_aux` ((terms list, weight)), routing statistics to one that exists only inside
         # `RoutingRecorder` ([sum of gate-0 weight as a device tensor, tokens]: a float() per layer per forward
@@ -102,8 +103,18 @@ class MixtureMLP(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_mask is not None and x.dim() == 3:  # inside moe.row_adapters.adapter_rows()
-            return self.row_mask.mix(x, self._mixture, self.base)
+            return self.row_mask.mix(x, self._mixture, self.base, self._shared_only)
         return self._mixture(x)
+
+    def _shared_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixture with the private experts' LoRA off (each is the frozen base MLP), the gates kept: the
+        personal model minus this is, to first order, the private experts' own gated contribution."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        out = self._reference(flat, self.gates(flat), live=self.shared_experts or frozenset())
+        if self.family == "gpt2":
+            out = self.base.dropout(out)
+        return out.reshape(*shape[:-1], out.shape[-1])
 
     def _mixture(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -129,10 +140,16 @@ class MixtureMLP(nn.Module):
             return self.base.act_fn(pre[0]) * pre[1]
         return self.base.act(pre[0])
 
-    def _reference(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x: torch.Tensor, g: torch.Tensor, live: frozenset[int] | None = None) -> torch.Tensor:
+        """Each expert runs the whole MLP; an expert not in `live` (None: all live) runs it without its LoRA."""
         firsts, last = FAMILIES[self.family]
-        out = 0
+        out, plain = 0, None
         for e, expert in enumerate(self.experts):
+            if live is not None and e not in live:
+                if plain is None:
+                    plain = getattr(self.base, last)(self.act([getattr(self.base, n)(x) for n in firsts]))
+                out = out + g[:, e:e + 1] * plain
+                continue
             pre = [getattr(self.base, n)(x) + getattr(expert, n)(x) for n in firsts]
             h = self.act(pre)
             y = getattr(self.base, last)(h) + getattr(expert, last)(h)

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import PocketLMError
 from .inject import MoEConfig, inject_moe, shared_base_view
+from .lora import AttnLoRALinear
+from .mixture import MixtureMLP
 from .state import PRIVATE_FILE, SHARED_FILE, load_trainable_state, read_part
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,13 @@ def load_personal(base: nn.Module, directory: str | Path) -> nn.Module:
     if not (d / SHARED_FILE).is_file() and not (d / PRIVATE_FILE).is_file():
         raise PocketLMError(f"{d} holds no {SHARED_FILE} / {PRIVATE_FILE}: not a user's adapter folder")
     state: dict[str, torch.Tensor] = {}
+    shared_names: set[str] = set()
     for name in (SHARED_FILE, PRIVATE_FILE):
         if (d / name).is_file():
-            state.update(read_part(d / name))
+            part = read_part(d / name)
+            state.update(part)
+            if name == SHARED_FILE:
+                shared_names = set(part)
     layout, fingerprint = read_layout(d, state)
     if fingerprint is not None:
         mine = base_fingerprint(base)
@@ -103,4 +109,16 @@ def load_personal(base: nn.Module, directory: str | Path) -> nn.Module:
         raise PocketLMError(f"{d}: the adapter files lack {len(missing)} tensors of this layout, e.g. {missing[0]}")
     for p in model.parameters():
         p.requires_grad_(False)
+    mark_shared(model, shared_names)
     return model.eval()
+
+
+def mark_shared(model: nn.Module, shared_names: set[str]) -> None:
+    """Tell each mixture which of its experts, and each attention LoRA whether it, came from the shared part:
+    the SHARED row mode (moe.row_adapters) runs the model with only those on."""
+    for name, m in model.named_modules():
+        if isinstance(m, MixtureMLP):
+            m.shared_experts = frozenset(i for i in range(m.num_experts)
+                                         if any(n.startswith(f"{name}.experts.{i}.") for n in shared_names))
+        elif isinstance(m, AttnLoRALinear):
+            m.shared = any(n.startswith(f"{name}.attn_lora.") for n in shared_names)

@@ -4,6 +4,9 @@ Why: a personal device model steers the cloud with `log p_personal - log p_base`
 batched forward of one model, not two model copies. Inside `adapter_rows(model, on)` every mixture MLP computes
 its experts only for the rows where `on` is True and the frozen base MLP for the others, and every attention
 LoRA adds its update only on those rows, so an "off" row computes exactly what the base model computes.
+A third row mode, SHARED, runs the model with its *private* experts' LoRA off (each replaced by the frozen base
+MLP, the router's gates kept) and the attention LoRA on only if it is shared: `log p_personal - log p_shared` is
+then what the user's private experts add over the federation's shared parts (the `specialist` signal).
 The mask lives on the modules only inside the context (restored on exit, also on error): nothing is kept
 between calls, and code outside the block always sees the plain personal model.
 """
@@ -15,33 +18,40 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..errors import PocketLMError
 from .lora import AttnLoRALinear
 from .mixture import MixtureMLP
 
+# Row modes (a bool True / False reads as PERSONAL / BASE).
+BASE, PERSONAL, SHARED = 0, 1, 2
+MODES = {"base": BASE, "personal": PERSONAL, "shared": SHARED}
+
 
 class RowMask:
-    """Which rows have their adapters on: a bool mask plus the row indices of both kinds (computed once)."""
+    """Each row's mode (BASE, PERSONAL or SHARED) plus the row indices of each mode (computed once)."""
 
-    def __init__(self, on: torch.Tensor):
-        self.on = on.bool()
-        self.on_rows = self.on.nonzero().flatten()
-        self.off_rows = (~self.on).nonzero().flatten()
-        self.scale = self.on.float()
+    def __init__(self, mode: torch.Tensor):
+        self.mode = mode.long()
+        self.rows = {m: (self.mode == m).nonzero().flatten() for m in (BASE, PERSONAL, SHARED)}
+        self.on_rows, self.off_rows = self.rows[PERSONAL], self.rows[BASE]
+        self.has_shared = bool(self.rows[SHARED].numel())
 
-    def lora(self, delta: torch.Tensor) -> torch.Tensor:
-        """Zero a LoRA update `[B, ...]` on the rows whose adapters are off."""
-        return delta * self.scale.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+    def lora(self, delta: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Zero a LoRA update `[B, ...]` on the rows where it is off (BASE rows; SHARED rows unless `shared`)."""
+        scale = (self.mode == PERSONAL) | ((self.mode == SHARED) & shared)
+        return delta * scale.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
 
-    def mix(self, x: torch.Tensor, experts, base) -> torch.Tensor:
-        """`experts(x)` on the rows with adapters on, `base(x)` on the others (`x`: `[B, T, H]`)."""
-        if self.off_rows.numel() == 0:
-            return experts(x)
-        if self.on_rows.numel() == 0:
-            return base(x)
-        on = experts(x.index_select(0, self.on_rows))
-        out = x.new_empty(x.shape[0], *on.shape[1:], dtype=on.dtype)
-        out.index_copy_(0, self.on_rows, on)
-        out.index_copy_(0, self.off_rows, base(x.index_select(0, self.off_rows)))
+    def mix(self, x: torch.Tensor, experts, base, shared=None) -> torch.Tensor:
+        """`experts(x)` on PERSONAL rows, `base(x)` on BASE rows, `shared(x)` on SHARED rows (`x`: `[B, T, H]`)."""
+        fns = {PERSONAL: experts, BASE: base, SHARED: shared}
+        live = [m for m in (PERSONAL, BASE, SHARED) if self.rows[m].numel()]
+        if len(live) == 1:
+            return fns[live[0]](x)
+        parts = {m: fns[m](x.index_select(0, self.rows[m])) for m in live}
+        first = parts[live[0]]
+        out = x.new_empty(x.shape[0], *first.shape[1:], dtype=first.dtype)
+        for m in live:
+            out.index_copy_(0, self.rows[m], parts[m])
         return out
 
 
@@ -51,12 +61,16 @@ def _modules(model: nn.Module):
 
 @contextmanager
 def adapter_rows(model: nn.Module, on: torch.Tensor | None):
-    """Run forwards of `model` with adapters on only for the rows where `on` is True (None: all rows on)."""
+    """Run forwards of `model` with each row in its mode: `on` is a bool (adapters on / off) or a mode tensor
+    (BASE, PERSONAL, SHARED); None: every row runs the model as it is."""
     mods = _modules(model) if on is not None else []
     if not mods:
         yield
         return
     mask = RowMask(on.to(next(model.parameters()).device))
+    if mask.has_shared and any(isinstance(m, MixtureMLP) and m.shared_experts is None for m in mods):
+        raise PocketLMError("a SHARED row needs a personal model loaded from a run's shared/private adapter files "
+                            "(moe.personal.load_personal): this model does not know which of its parts are shared")
     for m in mods:
         m.row_mask = mask
     try:

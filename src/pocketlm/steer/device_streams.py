@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..moe.row_adapters import PERSONAL
 from .kvmode import make_stream
 from .prefill import unique_prompts
 
@@ -19,13 +20,14 @@ from .prefill import unique_prompts
 class DevicePrompt:
     """One request's device prompts: the reference stream (`plain`) and the informed stream (`ctx`).
 
-    With a personal device model the reference may run the *base* model (`plain_adapters=False`): the steering
-    signal is then what the user's adapters learned (`log p_personal - log p_base`), switched per row inside one
-    batched forward (moe.row_adapters). The informed stream always runs the model as it is."""
+    With a personal device model the reference may run the *base* model (`plain_mode=BASE`): the steering
+    signal is then what the user's adapters learned (`log p_personal - log p_base`); or its *shared* parts only
+    (`SHARED`: what the private experts add), switched per row inside one batched forward (moe.row_adapters).
+    The informed stream always runs the model as it is."""
 
     plain: list[int] | None
     ctx: list[int] | None
-    plain_adapters: bool = True
+    plain_mode: int = PERSONAL
 
 
 @dataclass
@@ -61,12 +63,12 @@ class DeviceStreams:
             raise ValueError("every device row needs the same kind of prompts")
         self.has_plain, self.has_ctx = plain is not None, ctx is not None
         self.b = self._b
-        switch = plain is not None and not all(p.plain_adapters for p in prompts)  # base model on some rows
+        switch = plain is not None and any(p.plain_mode != PERSONAL for p in prompts)  # base/shared on some rows
         # a reference prompt on the base model and the same ids on the personal model are different rows
-        keyed, pe = unique_prompts([[int(p.plain_adapters), *p.plain] for p in prompts] if plain else [])
-        pu, pflags = [k[1:] for k in keyed], [bool(k[0]) for k in keyed]
+        keyed, pe = unique_prompts([[int(p.plain_mode), *p.plain] for p in prompts] if plain else [])
+        pu, pflags = [k[1:] for k in keyed], [k[0] for k in keyed]
         cu, ce = unique_prompts(ctx) if ctx else ([], [])
-        cflags = [True] * len(cu)
+        cflags = [PERSONAL] * len(cu)
         self.n = len(pe) or len(ce)
         if self.fused or not (self.has_plain and self.has_ctx):
             self.b = self.a

@@ -15,7 +15,12 @@ from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, Fusion
 #   context: log p_dev(.|context, x) - log p_dev(.|x)             (CoSteer; the device model as it is)
 #   weights: log p_personal(.|x) - log p_base(.|x)                (what the user's adapters learned; no context)
 #   both:    log p_personal(.|context, x) - log p_base(.|x)
-SIGNALS = ("context", "weights", "both")
+#   specialist: log p_personal(.|x) - log p_shared(.|x)       (what the user's PRIVATE experts add over the
+#               federation's shared parts: the corpus format every user learned cancels; no context needed)
+SIGNALS = ("context", "weights", "both", "specialist")
+NO_CONTEXT_SIGNALS = ("weights", "specialist")
+# which model the reference (plain) stream runs for each signal: moe.row_adapters modes
+REFERENCE_MODE = {"context": "personal", "weights": "base", "both": "base", "specialist": "shared"}
 
 KAPPA_COSTEER = kappa_from_hparams(DEFAULT_T)  # 1.7833
 KAPPA_LIGHT = kappa_from_hparams(1)            # 0.4762
@@ -47,7 +52,7 @@ class Method:
     @property
     def needs_context(self) -> bool:
         """Does a request decoded with this method need a private context?"""
-        return self.cloud_prompt == "context" or (self.rule.needs_ctx and self.signal != "weights")
+        return self.cloud_prompt == "context" or (self.rule.needs_ctx and self.signal not in NO_CONTEXT_SIGNALS)
 
     def with_signal(self, signal: str) -> Method:
         return replace(self, signal=signal)

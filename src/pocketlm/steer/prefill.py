@@ -64,13 +64,14 @@ def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]
     return uniq, expand
 
 
-def adapter_flags(adapters: list[bool] | None, n: int, device) -> torch.Tensor | None:
-    """Per-prompt adapter switches as a bool tensor (None when every row runs the model as it is)."""
+def adapter_flags(adapters: list[int] | None, n: int, device) -> torch.Tensor | None:
+    """Per-prompt row modes (moe.row_adapters: BASE, PERSONAL, SHARED; a bool reads as PERSONAL / BASE) as a
+    long tensor (None when every row runs the model as it is)."""
     if adapters is None:
         return None
     if len(adapters) != n:
         raise ValueError(f"{len(adapters)} adapter flags for {n} prompts")
-    return torch.tensor([bool(a) for a in adapters], dtype=torch.bool, device=device)
+    return torch.tensor([int(a) for a in adapters], dtype=torch.long, device=device)
 
 
 def check_prompts(prompts: list[list[int]]) -> None:

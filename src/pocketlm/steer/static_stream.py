@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import PocketLMError
-from ..moe.row_adapters import adapter_rows
+from ..moe.row_adapters import PERSONAL, adapter_rows
 from .prefill import adapter_flags, check_prompts, prefill_one
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class StaticLMStream:
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.adapters = torch.ones(rows, dtype=torch.bool, device=self.device)  # per-row LoRA switch
+        self.adapters = torch.full((rows,), PERSONAL, dtype=torch.long, device=self.device)  # per-row mode
         self.capacity, self.max_rows = capacity, rows
         self._graphs.clear()  # they point at the old buffers
 
@@ -179,9 +179,9 @@ class StaticLMStream:
     # -- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None,
-                adapters: list[bool] | None = None) -> torch.Tensor:
+                adapters: list[int] | None = None) -> torch.Tensor:
         """Run the prompts with the model's own forward; return last-position logits `[B, V]`. `adapters[i]`:
-        prompt i's rows run with the model's LoRA adapters on (default) or off (= the base model)."""
+        prompt i's rows run in that row mode (moe.row_adapters: PERSONAL, the default; BASE; SHARED)."""
         check_prompts(prompts)
         expand = list(range(len(prompts))) if expand is None else list(expand)
         width = max(len(p) for p in prompts)
@@ -205,7 +205,7 @@ class StaticLMStream:
                 self.v[layer][j, :, lo:width].copy_(kv.values[0])
             self.valid[j, lo:width] = True
             self.pos[j] = len(prompts[e]) - 1
-            self.adapters[j] = True if flags is None else flags[e]
+            self.adapters[j] = PERSONAL if flags is None else flags[e]
         self.use_adapters = flags is not None
         self.n, self.length = rows, width
         return torch.cat(logits)[torch.tensor(expand, device=self.device)]

@@ -24,7 +24,7 @@ class LMStream:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, L] 1 = real token
         self.pos: torch.Tensor | None = None   # [B] position of the last real token
-        self.adapters: torch.Tensor | None = None  # [B] bool: the model's adapters on for this row (None: all)
+        self.adapters: torch.Tensor | None = None  # [B] row modes (moe.row_adapters; None: all PERSONAL)
         self.forwards = 0
 
     @property
@@ -39,9 +39,9 @@ class LMStream:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None,
-                adapters: list[bool] | None = None) -> torch.Tensor:
+                adapters: list[int] | None = None) -> torch.Tensor:
         """Run the prompts; return last-position logits `[B, V]` (B = len(expand) if given). `adapters[i]`:
-        decode prompt i's rows with the model's LoRA adapters on (default) or off (= the base model).
+        decode prompt i's rows in that row mode (moe.row_adapters: PERSONAL, the default; BASE; SHARED).
 
         Each distinct prompt is prefilled on its own (no padding compute: a 60-token query beside a
         1,500-token private context would otherwise cost as much as a second context), then the caches
