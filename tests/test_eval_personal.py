@@ -52,6 +52,8 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
         assert set(rows) == {"cloud", "cloud_prompted", "weights", "context", "both", "specialist"}
         for r in rows.values():
             assert 0 <= r["match"] <= 1 and 0 <= r["distinct2"] <= 1 and r["n"] >= 1
+            assert (r["cloud_ppl"] is None) == (r["cloud_ppl_told"] is None)
+            assert r["cloud_ppl_told"] is None or r["cloud_ppl_told"] > 1
     assert doc["settings"]["match"] == "nearest_unigram_user"
     res = runner.invoke(app, ["eval-personal", "--run", str(run), "--max-new-tokens", "3", "--methods", "both",
                               "--fusion", "plausible", "--kappa", "3", "--json", str(out)])

@@ -9,7 +9,11 @@ Methods (per user, one batched generation per prompt):
   specialist      log p_personal(.|x) - log p_shared(.|x): what the user's private experts add over the shared
                   parts (no context; zero by construction for a model whose parts are all shared, e.g. FedAvg)
 Scores: target match (the output is in the user's language / nearest to the user's topic), the cloud's own
-perplexity of the output (fluency) and distinct-2 (degeneration), per user and averaged over users.
+perplexity of the output given the public prompt (fluency) and distinct-2 (degeneration), per user and averaged
+over users. Also `cloud_ppl_told`: the cloud's perplexity of the output given the prompt *with* the user's hint.
+Given the public prompt, any switch to the user's language is itself unlikely (an English prompt expects
+English), so `cloud_ppl` mixes "off-language" with "disfluent"; given the told prompt, the switch is expected and
+what remains is fluency in the user's language; compare it with `cloud_prompted`'s (the cloud's own text when told).
 """
 
 from __future__ import annotations
@@ -64,9 +68,11 @@ def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserT
     doc: dict = {"users": {}, "mean": {}, "examples": []}
     for t in progress(targets, desc="eval-personal users", total=len(targets)):
         engine = engines(t.user)
-        per: dict[str, dict[str, list]] = {m: {"match": [], "cloud_ppl": [], "distinct2": []} for m in methods}
+        per: dict[str, dict[str, list]] = {m: {"match": [], "cloud_ppl": [], "cloud_ppl_told": [], "distinct2": []}
+                                           for m in methods}
         for prompt in prompts:
             prompt_ids = chat_ids(engine.cloud_tok, prompt, engine.system)
+            told_ids = chat_ids(engine.cloud_tok, f"{prompt} {t.hint}", engine.system)
             rows = [_row(m, prompt, t, kappa, fusion) for m in methods]
             gens = engine.generate([r for r, _ in rows], [m for _, m in rows], max_new_tokens=max_new_tokens)
             for name, (req, _), g in zip(methods, rows, gens, strict=True):
@@ -75,14 +81,18 @@ def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserT
                 per[name]["distinct2"].append(distinct2(g.text))
                 if ppl is not None:
                     per[name]["cloud_ppl"].append(ppl)
+                    per[name]["cloud_ppl_told"].append(cloud_perplexity(cloud_model, told_ids, g.token_ids))
                 doc["examples"].append({"user": t.user, "method": name, "prompt": req.query, "text": g.text})
         doc["users"][t.user] = {m: {"match": fmean(v["match"]), "distinct2": fmean(v["distinct2"]),
                                     "cloud_ppl": fmean(v["cloud_ppl"]) if v["cloud_ppl"] else None,
+                                    "cloud_ppl_told": fmean(v["cloud_ppl_told"]) if v["cloud_ppl_told"] else None,
                                     "n": len(v["match"])} for m, v in per.items()}
         log.info("%s: %s", t.user, {m: round(r["match"], 2) for m, r in doc["users"][t.user].items()})
     for m in methods:
         rows = [doc["users"][u][m] for u in doc["users"]]
         ppls = [r["cloud_ppl"] for r in rows if r["cloud_ppl"] is not None]
+        told = [r["cloud_ppl_told"] for r in rows if r["cloud_ppl_told"] is not None]
         doc["mean"][m] = {"match": fmean(r["match"] for r in rows), "distinct2": fmean(r["distinct2"] for r in rows),
-                          "cloud_ppl": fmean(ppls) if ppls else None, "n": sum(r["n"] for r in rows)}
+                          "cloud_ppl": fmean(ppls) if ppls else None, "cloud_ppl_told": fmean(told) if told else None,
+                          "n": sum(r["n"] for r in rows)}
     return doc
