@@ -59,6 +59,10 @@ def test_eval_personal_on_a_tiny_run(folder_corpus, tmp_path):
                               "--fusion", "plausible", "--kappa", "3", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["settings"]["fusion"] == "plausible"
+    res = runner.invoke(app, ["eval-personal", "--run", str(run), "--max-new-tokens", "3", "--methods", "specialist",
+                              "--fusion", "ada_costeer", "--kappa", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(out.read_text())["mean"]) == {"specialist"}
     res = runner.invoke(app, ["eval-personal", "--run", str(run), "--fusion", "loud"])
     assert res.exit_code != 0 and "unknown fusion" in str(res.exception)
     res = runner.invoke(app, ["steer", "Say hi.", "--cloud", "tiny-llama", "--local", "tiny-llama", "--adapters",

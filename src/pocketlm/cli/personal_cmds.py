@@ -59,8 +59,9 @@ def eval_personal_cmd(
     prompts: Path = typer.Option(None, help="Prompt file, one neutral prompt per line (default: 3 built-in)."),
     methods: str = typer.Option(",".join(PERSONAL_METHODS), help=f"Comma list of {', '.join(PERSONAL_METHODS)}."),
     kappa: float = typer.Option(1.0, help="Steering strength of weights / context / both."),
-    fusion: str = typer.Option("closed_form", help="How weights / context / both steer: closed_form | plausible "
-                               "(only tokens the cloud finds plausible: its fluency guard)."),
+    fusion: str = typer.Option("closed_form", help="How the device signals steer: closed_form | plausible "
+                               "(only tokens the cloud finds plausible: its fluency guard) | ada_costeer (steer "
+                               "until the cloud is confident 3 tokens in a row, then the cloud alone)."),
     max_new_tokens: MaxNewTokensOpt = 48,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",

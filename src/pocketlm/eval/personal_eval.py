@@ -45,7 +45,7 @@ def language_target(user: str, name: str) -> UserTarget:
     return UserTarget(user, f"I am a native {name} speaker and always write in {name}.", f"Answer in {name}.")
 
 
-FUSIONS = ("closed_form", "plausible")
+FUSIONS = ("closed_form", "plausible", "ada_costeer")
 
 
 def _row(method: str, prompt: str, t: UserTarget, kappa: float, fusion: str = "closed_form"):
@@ -63,8 +63,9 @@ def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserT
                       match: Callable[[str, str], bool], cloud_model, *, methods=PERSONAL_METHODS,
                       kappa: float = 1.0, max_new_tokens: int = 48, fusion: str = "closed_form") -> dict:
     """`engines(user)` gives the engine whose device is that user's personal model (same cloud for all).
-    `fusion`: how weights / context / both steer: the closed form, or behind the plausibility mask (the cloud's
-    own fluency guard: only tokens with p_cloud >= 0.1 max p_cloud)."""
+    `fusion`: how the device signals steer: the closed form; behind the plausibility mask (the cloud's own
+    fluency guard: only tokens with p_cloud >= 0.1 max p_cloud); or gated as AdaCoSteer (the closed form until the
+    cloud is confident 3 tokens in a row, then the cloud alone: it steers the opening, the cloud writes on)."""
     doc: dict = {"users": {}, "mean": {}, "examples": []}
     for t in progress(targets, desc="eval-personal users", total=len(targets)):
         engine = engines(t.user)
