@@ -113,12 +113,13 @@ def test_shared_rows_switch_off_exactly_the_private_parts(base, tmp_path, shared
         assert not torch.allclose(mixed[0], mixed[2], atol=1e-3)  # the private expert does change the output
 
 
-def test_specialist_signal_is_zero_when_everything_is_shared_and_personal_minus_shared_otherwise(base, tmp_path):
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_specialist_signal_is_zero_when_everything_is_shared_and_personal_minus_shared_otherwise(base, tmp_path, kv):
     """With every part shared (FedAvg's layout) the specialist signal is exactly zero: the steered cloud is the
     cloud. Otherwise, with the cloud = the shared-only model, kappa 1 decodes the personal model itself."""
     model, tok = base
     _, folder = _trained_user(model, tmp_path / "fedavg", experts=1, shared=("generalist", "attn_lora"))
-    eng = SteerEngine(HFCloudBackend(model, tok), tok, load_personal(model, folder), tok)
+    eng = SteerEngine(HFCloudBackend(model, tok), tok, load_personal(model, folder), tok, kv=kv)
     r = SteerRequest("Write a haiku.")
     steered, cloud = eng.generate([r, r], [get_method("closed_form@3").with_signal("specialist"),
                                            get_method("cloud")], max_new_tokens=8, ignore_eos=True)
@@ -127,7 +128,7 @@ def test_specialist_signal_is_zero_when_everything_is_shared_and_personal_minus_
     trained, folder = _trained_user(model, tmp_path / "1g1s", experts=2)
     personal = load_personal(model, folder)
     shared_cloud = _shared_only_model(model, trained, {0}, True)
-    eng = SteerEngine(HFCloudBackend(shared_cloud, tok), tok, personal, tok)
+    eng = SteerEngine(HFCloudBackend(shared_cloud, tok), tok, personal, tok, kv=kv)
     steered, alone, cloud = eng.generate(
         [r, r, r], [get_method("closed_form@1").with_signal("specialist"),
                     get_method("device_with_context").with_signal("specialist"), get_method("cloud")],
