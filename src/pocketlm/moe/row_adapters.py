@@ -33,7 +33,6 @@ class RowMask:
     def __init__(self, mode: torch.Tensor):
         self.mode = mode.long()
         self.rows = {m: (self.mode == m).nonzero().flatten() for m in (BASE, PERSONAL, SHARED)}
-        self.on_rows, self.off_rows = self.rows[PERSONAL], self.rows[BASE]
         self.has_shared = bool(self.rows[SHARED].numel())
 
     def lora(self, delta: torch.Tensor, shared: bool = False) -> torch.Tensor:
