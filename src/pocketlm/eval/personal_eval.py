@@ -25,7 +25,7 @@ from statistics import fmean
 
 from ..progress import progress
 from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
-from ..steer.methods import get_method
+from ..steer.methods import NO_CONTEXT_SIGNALS, get_method
 from .personal_metrics import cloud_perplexity, distinct2
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _row(method: str, prompt: str, t: UserTarget, kappa: float, fusion: str = "c
         return SteerRequest(prompt), get_method("cloud")
     if method == "cloud_prompted":
         return SteerRequest(f"{prompt} {t.hint}"), get_method("cloud")
-    if method in ("weights", "specialist"):
+    if method in NO_CONTEXT_SIGNALS:
         return SteerRequest(prompt), steer.with_signal(method)
     return SteerRequest.with_context(prompt, t.profile), steer.with_signal(method)
 

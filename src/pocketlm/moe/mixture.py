@@ -109,23 +109,19 @@ class MixtureMLP(nn.Module):
     def _shared_only(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture with the private experts' LoRA off (each is the frozen base MLP), the gates kept: the
         personal model minus this is, to first order, the private experts' own gated contribution."""
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        out = self._reference(flat, self.gates(flat), live=self.shared_experts or frozenset())
-        if self.family == "gpt2":
-            out = self.base.dropout(out)
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return self._mixture(x, live=self.shared_experts or frozenset())
 
-    def _mixture(self, x: torch.Tensor) -> torch.Tensor:
+    def _mixture(self, x: torch.Tensor, live: frozenset[int] | None = None) -> torch.Tensor:
+        """`live`: only these experts' LoRA is on (the reference path computes it); None: every expert's."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         g = self.gates(flat)
-        if self.record is not None:
+        if self.record is not None and live is None:  # routing statistics of the personal model only
             with torch.no_grad():
                 self.record[0] = self.record[0] + g[:, 0].float().sum()
                 self.record[1] += g.shape[0]
-        if self.path == "reference":
-            out = self._reference(flat, g)
+        if self.path == "reference" or live is not None:
+            out = self._reference(flat, g, live)
         elif self.path == "fused" and self.router is not None and self.top_k < self.num_experts:
             out = fused.topk(self, flat, g, self.recompute)
         else:

@@ -24,7 +24,6 @@ from .mixture import MixtureMLP
 
 # Row modes (a bool True / False reads as PERSONAL / BASE).
 BASE, PERSONAL, SHARED = 0, 1, 2
-MODES = {"base": BASE, "personal": PERSONAL, "shared": SHARED}
 
 
 class RowMask:

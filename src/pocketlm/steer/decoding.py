@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PocketLMError
-from ..moe.row_adapters import MODES
 from .backend import eos_ids
 from .device_streams import DevicePrompt, DeviceScores, DeviceStreams
 from .fusion import log_policy
@@ -208,7 +207,7 @@ class SteerEngine:
             prompts = [DevicePrompt(chat_ids(self.device_tok, r.query, self.system) if plan.uses_plain else None,
                                     chat_ids(self.device_tok, r.query if m.signal in NO_CONTEXT_SIGNALS or not r.private
                                              else r.private, self.system) if plan.uses_ctx else None,
-                                    plain_mode=MODES[REFERENCE_MODE[m.signal]])
+                                    plain_mode=REFERENCE_MODE[m.signal])
                        for r, m in zip(requests, plan.methods, strict=True)]
             dev = self.clock.timed("device", device.prefill, prompts)
         self.clock.timings["prefill_s"] = self.clock.timings.get("cloud", 0.0) + self.clock.timings.get("device", 0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import PocketLMError
+from ..moe.row_adapters import BASE, PERSONAL, SHARED
 from .fusion import DEFAULT_T, kappa_from_hparams
 from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, FusionRule, Gated, Plausible
 
@@ -19,8 +20,8 @@ from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, Fusion
 #               federation's shared parts: the corpus format every user learned cancels; no context needed)
 SIGNALS = ("context", "weights", "both", "specialist")
 NO_CONTEXT_SIGNALS = ("weights", "specialist")
-# which model the reference (plain) stream runs for each signal: moe.row_adapters modes
-REFERENCE_MODE = {"context": "personal", "weights": "base", "both": "base", "specialist": "shared"}
+# which model the reference (plain) stream runs for each signal: a moe.row_adapters row mode
+REFERENCE_MODE = {"context": PERSONAL, "weights": BASE, "both": BASE, "specialist": SHARED}
 
 KAPPA_COSTEER = kappa_from_hparams(DEFAULT_T)  # 1.7833
 KAPPA_LIGHT = kappa_from_hparams(1)            # 0.4762
