@@ -44,6 +44,14 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
         raise PocketLMError(f"{option} must be a comma list of integers, got {text!r}") from None
 
 
+def float_list(text: str, option: str) -> tuple[float, ...]:
+    """A comma list of numbers from the command line (`--kappa 1,1.5`), or a one-line error naming the option."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PocketLMError(f"{option} must be a comma list of numbers, got {text!r}") from None
+
+
 # guards after any fusion rule (steer, eval-steer, demo)
 MaxCopyOpt = Annotated[int, typer.Option(
     help="Leak guard: no span of more than N consecutive words of the private context may be written "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from ..data.splits import split_corpus
 from ..errors import PocketLMError
 from ..eval.personal_eval import FUSIONS, PERSONAL_METHODS, UserTarget, evaluate_personal, language_target
 from ..eval.personal_metrics import LANGUAGE_NAMES, UnigramUsers, language_of
+from ..eval.report import plot_personal_tradeoff
 from ..jsonfile import write_json
 from ..models import load_model
 from ..moe.personal import load_personal
@@ -21,7 +23,7 @@ from ..steer.backend import HFCloudBackend
 from ..steer.decoding import SteerEngine
 from .app import app, console
 from .bench_cmds import hardware
-from .options import DeviceOpt, DtypeOpt, JsonOutOpt, MaxNewTokensOpt, ThreadsOpt
+from .options import DeviceOpt, DtypeOpt, JsonOutOpt, MaxNewTokensOpt, ThreadsOpt, float_list
 
 DEFAULT_PROMPTS = ("Write two sentences about how to spend a free Sunday.",
                    "Give me one piece of advice for a difficult day.",
@@ -58,7 +60,8 @@ def eval_personal_cmd(
     cloud: str = typer.Option(None, help="Cloud model spec (default: the run's base model)."),
     prompts: Path = typer.Option(None, help="Prompt file, one neutral prompt per line (default: 3 built-in)."),
     methods: str = typer.Option(",".join(PERSONAL_METHODS), help=f"Comma list of {', '.join(PERSONAL_METHODS)}."),
-    kappa: float = typer.Option(1.0, help="Steering strength of weights / context / both."),
+    kappa: str = typer.Option("1", help="Steering strength of the steered methods; a comma list (1,1.5,2) sweeps "
+                              "them in one batched run, columns named method@kappa."),
     fusion: str = typer.Option("closed_form", help="How the device signals steer: closed_form | plausible "
                                "(only tokens the cloud finds plausible: its fluency guard) | ada_costeer (steer "
                                "until the cloud is confident 3 tokens in a row, then the cloud alone)."),
@@ -67,12 +70,17 @@ def eval_personal_cmd(
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     json_out: JsonOutOpt = None,
+    plot: Path = typer.Option(None, help="Write a PNG of target match vs cloud perplexity here (one line per "
+                              "method through its kappas)."),
 ) -> None:
     """Generate for every user of a run with every method; report target match, cloud perplexity, distinct-2."""
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in ms if m not in PERSONAL_METHODS]
     if bad or not ms:
         raise PocketLMError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PERSONAL_METHODS)}")
+    kappas = float_list(kappa, "--kappa")
+    if not kappas or any(not 0 < k < math.inf for k in kappas):  # also refuses nan
+        raise PocketLMError(f"--kappa must be positive finite numbers, got {kappa!r}")
     if fusion not in FUSIONS:
         raise PocketLMError(f"unknown fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
     if threads:
@@ -95,18 +103,23 @@ def eval_personal_cmd(
     def engine(user: str) -> SteerEngine:
         return SteerEngine(backend, cloud_tok, load_personal(base, users_dir / user), tok)
 
-    doc = evaluate_personal(engine, targets, texts, match, cloud_model, methods=ms, kappa=kappa,
+    doc = evaluate_personal(engine, targets, texts, match, cloud_model, methods=ms, kappas=kappas,
                             max_new_tokens=max_new_tokens, fusion=fusion)
     doc["settings"] = {"run": str(run), "strategy": cfg.get("strategy", run.name), "model": cfg["model"],
-                       "cloud": cloud or cfg["model"], "kappa": kappa, "fusion": fusion, "max_new_tokens": max_new_tokens,
+                       "cloud": cloud or cfg["model"], "kappa": kappas[0] if len(kappas) == 1 else list(kappas), "fusion": fusion, "max_new_tokens": max_new_tokens,
                        "prompts": texts, "match": kind, "hardware": hardware(), "torch": torch.__version__}
     table = Table(title=f"eval-personal {run}: target match / cloud ppl / distinct-2 ({kind})")
     table.add_column("user")
-    for m in ms:
+    for m in doc["columns"]:
         table.add_column(m, justify="right")
     for user, row in [*doc["users"].items(), ("mean", doc["mean"])]:
         table.add_row(user, *[f"{100 * row[m]['match']:.0f}% / {row[m]['cloud_ppl'] or float('nan'):.1f} / "
-                              f"{row[m]['distinct2']:.2f}" for m in ms])
+                              f"{row[m]['distinct2']:.2f}" for m in doc["columns"]])
     console.print(table)
     if json_out:
         write_json(doc, json_out, indent=1, ensure_ascii=False)
+    if plot:
+        try:
+            console.print(f"match vs fluency plot: {plot_personal_tradeoff(doc, plot)}")
+        except ValueError as e:  # every output empty: nothing to place on the perplexity axis (the JSON is kept)
+            raise PocketLMError(f"no plot: {e}") from None

@@ -74,6 +74,45 @@ def plot_routing(routing: dict[str, dict[str, float]], path: str | Path, title: 
     return _save(fig, path)
 
 
+def plot_personal_tradeoff(doc: dict, path: str | Path, title: str = "") -> Path:
+    """What a user tunes kappa on: mean target match (y) against the cloud's perplexity of the output (x, log), one
+    line per steered method through its kappas, the unsteered references as single marked points. Takes the JSON
+    `eval-personal` writes (older files without "columns" plot their methods as single points)."""
+    plt = _plt()
+    mean = doc["mean"]
+    cols = doc.get("columns") or {m: {"method": m, "kappa": None} for m in mean}
+    lines: dict[str, list[tuple[float, float, float | None]]] = {}
+    for name, col in cols.items():
+        ppl = mean[name]["cloud_ppl"]
+        if ppl is not None:
+            lines.setdefault(col["method"] if col["kappa"] is not None else name, []).append(
+                (ppl, 100 * mean[name]["match"], col["kappa"]))
+    if not lines:
+        raise ValueError("no column has a cloud perplexity to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    refs = iter([("*", "black"), ("P", "dimgray"), ("X", "darkgray")] * len(lines))
+    for label, pts in lines.items():
+        pts.sort(key=lambda p: (p[2] is None, p[2] or 0.0))
+        xs, ys, ks = zip(*pts, strict=True)
+        if ks[0] is None:  # an unsteered reference: grey markers, so no method's colour is taken
+            marker, color = next(refs)
+            ax.scatter(xs, ys, marker=marker, s=120, color=color, zorder=3, label=label)
+            continue
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y, k in pts:
+            ax.annotate(f"κ {k:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("cloud perplexity of the output (fluency; lower is better)")
+    ax.set_ylabel("target match, % of outputs")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    settings = doc.get("settings", {})
+    ax.set_title(title or f"{settings.get('strategy', '')} personal steering: match vs fluency".strip(), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
