@@ -123,7 +123,8 @@ def test_a_kappa_sweep_is_the_single_kappa_runs_side_by_side_and_plots(folder_co
 
 
 def test_the_tradeoff_plot_reads_results_from_before_sweeps(tmp_path):
-    """JSON written before sweeps has no "columns": its methods plot as single points; nothing to plot is an error."""
+    """JSON written before sweeps has no "columns": its steered methods plot as one-point lines at the file's kappa,
+    the unsteered ones as references; nothing to plot is an error."""
     from pocketlm.eval.report import plot_personal_tradeoff
 
     doc = {"mean": {"cloud": {"match": 0.25, "cloud_ppl": 2.2}, "weights": {"match": 0.5, "cloud_ppl": 12.3},

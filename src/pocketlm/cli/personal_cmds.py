@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -13,7 +12,14 @@ from rich.table import Table
 from ..data import load_corpus
 from ..data.splits import split_corpus
 from ..errors import PocketLMError
-from ..eval.personal_eval import FUSIONS, PERSONAL_METHODS, UserTarget, evaluate_personal, language_target
+from ..eval.personal_eval import (
+    FUSIONS,
+    PERSONAL_METHODS,
+    UserTarget,
+    check_kappas,
+    evaluate_personal,
+    language_target,
+)
 from ..eval.personal_metrics import LANGUAGE_NAMES, UnigramUsers, language_of
 from ..eval.report import plot_personal_tradeoff
 from ..jsonfile import write_json
@@ -78,9 +84,7 @@ def eval_personal_cmd(
     bad = [m for m in ms if m not in PERSONAL_METHODS]
     if bad or not ms:
         raise PocketLMError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(PERSONAL_METHODS)}")
-    kappas = float_list(kappa, "--kappa")
-    if not kappas or any(not 0 < k < math.inf for k in kappas):  # also refuses nan
-        raise PocketLMError(f"--kappa must be positive finite numbers, got {kappa!r}")
+    kappas = check_kappas(float_list(kappa, "--kappa"))
     if fusion not in FUSIONS:
         raise PocketLMError(f"unknown fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
     if threads:
@@ -106,7 +110,8 @@ def eval_personal_cmd(
     doc = evaluate_personal(engine, targets, texts, match, cloud_model, methods=ms, kappas=kappas,
                             max_new_tokens=max_new_tokens, fusion=fusion)
     doc["settings"] = {"run": str(run), "strategy": cfg.get("strategy", run.name), "model": cfg["model"],
-                       "cloud": cloud or cfg["model"], "kappa": kappas[0] if len(kappas) == 1 else list(kappas), "fusion": fusion, "max_new_tokens": max_new_tokens,
+                       "cloud": cloud or cfg["model"], "kappa": kappas[0] if len(kappas) == 1 else list(kappas),
+                       "fusion": fusion, "max_new_tokens": max_new_tokens,
                        "prompts": texts, "match": kind, "hardware": hardware(), "torch": torch.__version__}
     table = Table(title=f"eval-personal {run}: target match / cloud ppl / distinct-2 ({kind})")
     table.add_column("user")

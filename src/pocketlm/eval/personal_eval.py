@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
+from ..errors import PocketLMError
 from ..progress import progress
 from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
 from ..steer.methods import NO_CONTEXT_SIGNALS, get_method
@@ -62,6 +63,13 @@ class Column:
     kappa: float | None
 
 
+def check_kappas(kappas: Sequence[float]) -> tuple[float, ...]:
+    """At least one kappa, each positive and finite (a zero kappa is the cloud, NaN or inf would poison the scores)."""
+    if not kappas or any(not 0 < k < math.inf for k in kappas):  # the comparison also refuses NaN
+        raise PocketLMError(f"kappa must be positive finite numbers, got {list(kappas)}")
+    return tuple(kappas)
+
+
 def columns(methods: Sequence[str], kappas: Sequence[float]) -> list[Column]:
     """Unsteered methods once; every steered method once per kappa, named `method@kappa` only in a sweep (a single
     kappa keeps the plain method names, as results from before sweeps have them)."""
@@ -94,9 +102,7 @@ def evaluate_personal(engines: Callable[[str], SteerEngine], targets: list[UserT
     cloud is confident 3 tokens in a row, then the cloud alone: it steers the opening, the cloud writes on).
     `kappas`: one kappa, or several for a sweep (see the module notes); `doc["columns"]` maps each column to its
     method and kappa."""
-    if not kappas or any(not 0 < k < math.inf for k in kappas):  # also refuses NaN
-        raise ValueError(f"kappas must be positive finite numbers, got {list(kappas)}")
-    cols = columns(methods, kappas)
+    cols = columns(methods, check_kappas(kappas))
     doc: dict = {"users": {}, "mean": {}, "examples": [],
                  "columns": {c.name: {"method": c.method, "kappa": c.kappa} for c in cols}}
     for t in progress(targets, desc="eval-personal users", total=len(targets)):

@@ -78,9 +78,12 @@ def plot_personal_tradeoff(doc: dict, path: str | Path, title: str = "") -> Path
     """What a user tunes kappa on: mean target match (y) against the cloud's perplexity of the output (x, log), one
     line per steered method through its kappas, the unsteered references as single marked points. Takes the JSON
     `eval-personal` writes (older files without "columns" plot their methods as single points)."""
+    from .personal_eval import UNSTEERED
+
     plt = _plt()
     mean = doc["mean"]
-    cols = doc.get("columns") or {m: {"method": m, "kappa": None} for m in mean}
+    kappa = doc.get("settings", {}).get("kappa", 1.0)  # a file from before sweeps ran one kappa
+    cols = doc.get("columns") or {m: {"method": m, "kappa": None if m in UNSTEERED else kappa} for m in mean}
     lines: dict[str, list[tuple[float, float, float | None]]] = {}
     for name, col in cols.items():
         ppl = mean[name]["cloud_ppl"]
@@ -90,7 +93,7 @@ def plot_personal_tradeoff(doc: dict, path: str | Path, title: str = "") -> Path
     if not lines:
         raise ValueError("no column has a cloud perplexity to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    refs = iter([("*", "black"), ("P", "dimgray"), ("X", "darkgray")] * len(lines))
+    refs = iter([("*", "black"), ("P", "dimgray")] * len(lines))
     for label, pts in lines.items():
         pts.sort(key=lambda p: (p[2] is None, p[2] or 0.0))
         xs, ys, ks = zip(*pts, strict=True)
