@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from pocketlm.cli import app
@@ -139,8 +138,8 @@ def test_a_sweep_column_decodes_what_its_single_kappa_run_decodes(tmp_path):
     """In a sweep every kappa's rows share one batched generation with the other kappas' rows; each column must still
     decode token for token what a run with that kappa alone decodes (on a model lively enough to write varied text,
     with non-zero adapters), and different kappas must reach their rows."""
+    from personal_fixtures import trained_user
     from pocketlm.eval.personal_eval import evaluate_personal, language_target
-    from pocketlm.moe import MoEConfig, inject_moe, save_parts, shared_base_view
     from pocketlm.moe.personal import load_personal
     from pocketlm.steer.backend import HFCloudBackend
     from pocketlm.steer.decoding import SteerEngine
@@ -148,14 +147,7 @@ def test_a_sweep_column_decodes_what_its_single_kappa_run_decodes(tmp_path):
 
     base, tok = build_tiny("tiny-llama", seed=3)
     lively(base, 5)
-    trained = inject_moe(shared_base_view(base), MoEConfig(num_experts=2, seed=0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in trained.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in n else 0.1))
-    save_parts(trained, tmp_path / "users" / "de", {"generalist", "attn_lora"})
-    personal = load_personal(base, tmp_path / "users" / "de")
+    personal = load_personal(base, trained_user(base, tmp_path)[1])
     engine = SteerEngine(HFCloudBackend(base, tok), tok, personal, tok)
     prompts = ["Say hi.", "Tell me about boats and the sea."]
 

@@ -6,26 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from personal_fixtures import trained_user
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
-from pocketlm.moe import MoEConfig, inject_moe, save_parts, shared_base_view
+from pocketlm.moe import MoEConfig, inject_moe, shared_base_view
 from pocketlm.moe.personal import ADAPTER_CONFIG, load_personal
 from pocketlm.moe.row_adapters import BASE, PERSONAL, SHARED, adapter_rows
 from pocketlm.steer.backend import HFCloudBackend
 from pocketlm.steer.decoding import SteerEngine, SteerRequest
 from pocketlm.steer.methods import get_method
-
-
-def _trained_user(base, tmp_path, experts=2, seed=0, shared=("generalist", "attn_lora")):
-    """A user's adapter folder with non-zero adapters (as after training)."""
-    model = inject_moe(shared_base_view(base), MoEConfig(num_experts=experts, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "lora_B" in n else 0.1))
-    save_parts(model, tmp_path / "users" / "de", set(shared))
-    return model, tmp_path / "users" / "de"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +23,7 @@ def base():
 
 
 def test_personal_model_round_trips_and_leaves_the_base_alone(base, tmp_path):
-    model, folder = _trained_user(base[0], tmp_path)
+    model, folder = trained_user(base[0], tmp_path)
     assert (folder / ADAPTER_CONFIG).is_file()
     ids = torch.tensor([[5, 6, 7, 8]])
     before = base[0](input_ids=ids).logits
@@ -46,7 +35,7 @@ def test_personal_model_round_trips_and_leaves_the_base_alone(base, tmp_path):
 
 
 def test_adapters_switch_per_row_in_one_forward(base, tmp_path):
-    _, folder = _trained_user(base[0], tmp_path)
+    _, folder = trained_user(base[0], tmp_path)
     personal = load_personal(base[0], folder)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [5, 6, 7, 8]])
     with torch.no_grad():
@@ -64,7 +53,7 @@ def test_weights_signal_at_kappa_one_decodes_the_personal_model(base, tmp_path, 
     """cloud = the base: b + 1 * (log p_personal(.|x) - log p_base(.|x)) = log p_personal(.|x), so the steered
     cloud writes exactly what the personal model writes alone (through the per-row adapter switch)."""
     model, tok = base
-    _, folder = _trained_user(model, tmp_path)
+    _, folder = trained_user(model, tmp_path)
     personal = load_personal(model, folder)
     eng = SteerEngine(HFCloudBackend(model, tok), tok, personal, tok, kv=kv)
     r = SteerRequest("Write a haiku.")
@@ -99,7 +88,7 @@ def _shared_only_model(base, model, shared_experts, attn_shared):
 def test_shared_rows_switch_off_exactly_the_private_parts(base, tmp_path, shared):
     """A SHARED row is the personal model with the private experts' LoRA (and a private attention LoRA) off and the
     router's gates kept; BASE and PERSONAL rows in the same forward are unchanged."""
-    model, folder = _trained_user(base[0], tmp_path, experts=3, shared=shared)
+    model, folder = trained_user(base[0], tmp_path, experts=3, shared=shared)
     personal = load_personal(base[0], folder)
     want = _shared_only_model(base[0], model, {0} if "generalist" in shared else set(), "attn_lora" in shared)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [5, 6, 7, 8]])
@@ -118,14 +107,14 @@ def test_specialist_signal_is_zero_when_everything_is_shared_and_personal_minus_
     """With every part shared (FedAvg's layout) the specialist signal is exactly zero: the steered cloud is the
     cloud. Otherwise, with the cloud = the shared-only model, kappa 1 decodes the personal model itself."""
     model, tok = base
-    _, folder = _trained_user(model, tmp_path / "fedavg", experts=1, shared=("generalist", "attn_lora"))
+    _, folder = trained_user(model, tmp_path / "fedavg", experts=1, shared=("generalist", "attn_lora"))
     eng = SteerEngine(HFCloudBackend(model, tok), tok, load_personal(model, folder), tok, kv=kv)
     r = SteerRequest("Write a haiku.")
     steered, cloud = eng.generate([r, r], [get_method("closed_form@3").with_signal("specialist"),
                                            get_method("cloud")], max_new_tokens=8, ignore_eos=True)
     assert steered.token_ids == cloud.token_ids
 
-    trained, folder = _trained_user(model, tmp_path / "1g1s", experts=2)
+    trained, folder = trained_user(model, tmp_path / "1g1s", experts=2)
     personal = load_personal(model, folder)
     shared_cloud = _shared_only_model(model, trained, {0}, True)
     eng = SteerEngine(HFCloudBackend(shared_cloud, tok), tok, personal, tok, kv=kv)
@@ -150,7 +139,7 @@ def test_bad_adapter_folders_are_clear_errors(base, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PocketLMError, match="not a user's adapter folder"):
         load_personal(model, tmp_path / "empty")
-    _, folder = _trained_user(model, tmp_path)
+    _, folder = trained_user(model, tmp_path)
     other = build_tiny("tiny-qwen2", seed=1, vocab_size=300)[0]
     with pytest.raises(PocketLMError, match=f"{ADAPTER_CONFIG}.*another base"):
         load_personal(other, folder)

@@ -36,20 +36,22 @@ CloudPromptOpt = Annotated[str, typer.Option(
     help="OpenAI-compatible cloud prompts: ids (vLLM; exact) | text (llama.cpp; the server re-tokenizes) | auto "
          "(ids, else text).")]
 
-def int_list(text: str, option: str) -> tuple[int, ...]:
-    """A comma list of integers from the command line (`--ks 16,64`), or a one-line error naming the option."""
+def _comma_list(text: str, option: str, cast, what: str) -> tuple:
+    """A comma list from the command line, or a one-line error naming the option."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        return tuple(cast(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise PocketLMError(f"{option} must be a comma list of integers, got {text!r}") from None
+        raise PocketLMError(f"{option} must be a comma list of {what}, got {text!r}") from None
+
+
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """`--ks 16,64`."""
+    return _comma_list(text, option, int, "integers")
 
 
 def float_list(text: str, option: str) -> tuple[float, ...]:
-    """A comma list of numbers from the command line (`--kappa 1,1.5`), or a one-line error naming the option."""
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise PocketLMError(f"{option} must be a comma list of numbers, got {text!r}") from None
+    """`--kappa 1,1.5`."""
+    return _comma_list(text, option, float, "numbers")
 
 
 # guards after any fusion rule (steer, eval-steer, demo)

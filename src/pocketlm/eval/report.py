@@ -6,6 +6,7 @@ re-made from saved results without re-running anything.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def plot_personal_tradeoff(doc: dict, path: str | Path, title: str = "") -> Path
     if not lines:
         raise ValueError("no column has a cloud perplexity to plot")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    refs = iter([("*", "black"), ("P", "dimgray")] * len(lines))
+    refs = itertools.cycle([("*", "black"), ("P", "dimgray")])
     for label, pts in lines.items():
         pts.sort(key=lambda p: (p[2] is None, p[2] or 0.0))
         xs, ys, ks = zip(*pts, strict=True)
