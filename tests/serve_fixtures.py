@@ -13,7 +13,7 @@ import torch
 
 from pocketlm.models import build_tiny
 from pocketlm.serve import Limits, ServerThread, create_app
-from pocketlm.steer.remote import ws_url
+from pocketlm.steer.cloud.remote import ws_url
 
 TOKEN = "test-token-7f3a"
 # uvicorn's WebSocket protocol still uses the websockets library's legacy server (the sans-I/O one cannot send

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from pocketlm.errors import PocketLMError
-from pocketlm.steer import certify
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.certify import NotCertifiable
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.guards import build_guards
-from pocketlm.steer.methods import parse_methods
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.cloud.remote import RemoteCloud, RemoteTopK
+from pocketlm.steer.cloud.wire import RemoteCloudError, decode_scores, encode_topk, op, topk_of
+from pocketlm.steer.downlink import certify
+from pocketlm.steer.downlink.certify import NotCertifiable
+from pocketlm.steer.downlink.topk import TopKLogits, TruncatedCloud, truncate
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.guards import build_guards
+from pocketlm.steer.fusion.methods import parse_methods
 from pocketlm.steer.plan import Sampling
-from pocketlm.steer.remote import RemoteCloud, RemoteTopK
-from pocketlm.steer.topk import TopKLogits, TruncatedCloud, truncate
-from pocketlm.steer.wire import RemoteCloudError, decode_scores, encode_topk, op, topk_of
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, raw_connect, start_server
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

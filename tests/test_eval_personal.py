@@ -141,8 +141,8 @@ def test_a_sweep_column_decodes_what_its_single_kappa_run_decodes(tmp_path):
     from personal_fixtures import trained_user
     from pocketlm.eval.personal_eval import evaluate_personal, language_target
     from pocketlm.moe.personal import load_personal
-    from pocketlm.steer.backend import HFCloudBackend
-    from pocketlm.steer.decoding import SteerEngine
+    from pocketlm.steer.cloud.in_process import HFCloudBackend
+    from pocketlm.steer.engine import SteerEngine
     from serve_fixtures import lively
 
     base, tok = build_tiny("tiny-llama", seed=3)

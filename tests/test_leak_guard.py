@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from pocketlm.cli import app
 from pocketlm.errors import PocketLMError
-from pocketlm.leakage import context_only_words, leak_report, longest_copy, ngram_share
 from pocketlm.models import build_tiny
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.leak_guard import MaxCopy, Protect, parse_front_matter
-from pocketlm.steer.methods import get_method, parse_methods
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.leak_guard import MaxCopy, Protect, parse_front_matter
+from pocketlm.steer.fusion.leakage import context_only_words, leak_report, longest_copy, ngram_share
+from pocketlm.steer.fusion.methods import get_method, parse_methods
 
 CONTEXT = "I love the sea, boats and seafood, and I end every message with a short proverb about the sea."
 

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from pocketlm.cli import app
 from pocketlm.models import build_tiny
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.leak_guard import MaxCopy, max_copy_untouched
-from pocketlm.steer.methods import get_method
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.leak_guard import MaxCopy, max_copy_untouched
+from pocketlm.steer.fusion.methods import get_method
 
 CONTEXT = "I love the sea, boats and seafood, and I end every message with a short proverb about the sea."
 COPY = "Well, I love the sea, boats and seafood, they said."

@@ -21,12 +21,12 @@ from pocketlm.bench.openai_bench import LlamaServer
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.models.builtin import builtin_available
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.certify import NotCertifiable as StepNotCertifiable
-from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
-from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.openai_cloud import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
-from pocketlm.steer.openai_http import Transport
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.cloud.openai import NotCertifiable, OpenAICloud, OpenAICloudError, is_openai
+from pocketlm.steer.cloud.openai_http import Transport
+from pocketlm.steer.downlink.certify import NotCertifiable as StepNotCertifiable
+from pocketlm.steer.engine import SteerEngine, SteerRequest, chat_ids
+from pocketlm.steer.fusion.methods import parse_methods
 from pocketlm.steer.session import load_engine
 from serve_fixtures import lively
 

@@ -12,9 +12,9 @@ from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe, shared_base_view
 from pocketlm.moe.personal import ADAPTER_CONFIG, load_personal
 from pocketlm.moe.row_adapters import BASE, PERSONAL, SHARED, adapter_rows
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.methods import get_method
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.methods import get_method
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from websockets.exceptions import ConnectionClosed
 
 from pocketlm.serve.pool import KVPool
-from pocketlm.steer.remote import RemoteCloud
-from pocketlm.steer.wire import RemoteCloudError, decode_scores, op, tokenizer_fingerprint
+from pocketlm.steer.cloud.remote import RemoteCloud
+from pocketlm.steer.cloud.wire import RemoteCloudError, decode_scores, op, tokenizer_fingerprint
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, LIMITS, TOKEN, metric, raw_connect
 
 PROMPT = [256, 1, 72, 105, 33, 258]

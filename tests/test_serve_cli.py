@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pocketlm.cli import app
 from pocketlm.errors import PocketLMError
-from pocketlm.steer.wire import HEADER
+from pocketlm.steer.cloud.wire import HEADER
 from serve_fixtures import IGNORE_UVICORN_WARNINGS
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

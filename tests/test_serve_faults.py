@@ -15,10 +15,10 @@ from websockets.sync.server import serve
 
 from pocketlm.serve import ServerThread, create_app
 from pocketlm.serve.batcher import Batcher, ServeError, Session, Work
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.methods import get_method
-from pocketlm.steer.remote import RemoteCloud
-from pocketlm.steer.wire import PROTOCOL, RemoteCloudError
+from pocketlm.steer.cloud.remote import RemoteCloud
+from pocketlm.steer.cloud.wire import PROTOCOL, RemoteCloudError
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.methods import get_method
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, LIMITS, TOKEN, start_server
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

@@ -15,8 +15,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from pocketlm.serve import Limits
-from pocketlm.steer.remote import ws_url
-from pocketlm.steer.wire import decode_scores, op
+from pocketlm.steer.cloud.remote import ws_url
+from pocketlm.steer.cloud.wire import decode_scores, op
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, LIMITS, TOKEN, metric, raw_connect, start_server
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

@@ -12,10 +12,10 @@ import threading
 
 import pytest
 
-from pocketlm.steer.decoding import SteerEngine, SteerRequest, chat_ids
-from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.remote import RemoteCloud, RemoteTopK
-from pocketlm.steer.wire import op
+from pocketlm.steer.cloud.remote import RemoteCloud, RemoteTopK
+from pocketlm.steer.cloud.wire import op
+from pocketlm.steer.engine import SteerEngine, SteerRequest, chat_ids
+from pocketlm.steer.fusion.methods import parse_methods
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, raw_connect
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

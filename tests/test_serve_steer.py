@@ -9,11 +9,11 @@ from typer.testing import CliRunner
 
 from pocketlm.cli import app
 from pocketlm.models import load_model, tiny_tokenizer
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.remote import RemoteCloud
-from pocketlm.steer.wire import RemoteCloudError
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.cloud.remote import RemoteCloud
+from pocketlm.steer.cloud.wire import RemoteCloudError
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.methods import parse_methods
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, start_server
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pocketlm.cli.demo import steered_vs_plain
 from pocketlm.errors import ModelLoadError, PocketLMError
 from pocketlm.models import build_tiny, tiny_tokenizer
-from pocketlm.steer.backend import CloudBackend, HFCloudBackend
-from pocketlm.steer.decoding import Sampling, SteerEngine, SteerRequest, chat_ids
-from pocketlm.steer.demo import steered_vs_plain
-from pocketlm.steer.fusion import closed_form
-from pocketlm.steer.methods import get_method, parse_methods
+from pocketlm.steer.cloud.in_process import CloudBackend, HFCloudBackend
+from pocketlm.steer.engine import Sampling, SteerEngine, SteerRequest, chat_ids
+from pocketlm.steer.fusion.formulas import closed_form
+from pocketlm.steer.fusion.methods import get_method, parse_methods
 
 SECRET = "My secret passphrase is XYZZY-PLUGH and I live at 42 Quiet Lane."
 

@@ -9,7 +9,7 @@ import torch
 
 from pocketlm.errors import ModelLoadError
 from pocketlm.models import build_tiny, tiny_tokenizer
-from pocketlm.steer.fusion import (
+from pocketlm.steer.fusion.formulas import (
     AdaGate,
     AdaptiveKappa,
     closed_form,

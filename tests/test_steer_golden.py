@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pocketlm.models import build_tiny
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import Sampling, SteerEngine, SteerRequest
-from pocketlm.steer.methods import parse_methods
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import Sampling, SteerEngine, SteerRequest
+from pocketlm.steer.fusion.methods import parse_methods
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "steer_methods.json").read_text())
 SECRET = "My secret passphrase is XYZZY-PLUGH and I live at 42 Quiet Lane."

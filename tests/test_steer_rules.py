@@ -13,16 +13,16 @@ import torch
 
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.device_streams import DeviceStreams
-from pocketlm.steer.fusion import closed_form_bd
-from pocketlm.steer.guards import Guard, NoRepeatNGram
-from pocketlm.steer.methods import get_method, parse_methods
-from pocketlm.steer.protocol import CloudBackend, Stream
-from pocketlm.steer.rules import Adaptive, ClosedForm, FTRLLoop, Gated, Plausible, StepView
-from pocketlm.steer.static_stream import StaticLMStream
-from pocketlm.steer.streams import LMStream
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.formulas import closed_form_bd
+from pocketlm.steer.fusion.guards import Guard, NoRepeatNGram
+from pocketlm.steer.fusion.methods import get_method, parse_methods
+from pocketlm.steer.fusion.rules import Adaptive, ClosedForm, FTRLLoop, Gated, Plausible, StepView
+from pocketlm.steer.streams.device import DeviceStreams
+from pocketlm.steer.streams.dynamic import LMStream
+from pocketlm.steer.streams.protocol import CloudBackend, Stream
+from pocketlm.steer.streams.static import StaticLMStream
 
 STEER = Path(__file__).resolve().parents[1] / "src" / "pocketlm" / "steer"
 
@@ -115,10 +115,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycle_between_the_two_streams():
-    assert not any("static_stream" in m for m in _imports(STEER / "streams.py"))
-    assert not any(m.endswith("streams") for m in _imports(STEER / "static_stream.py"))
-    proc = subprocess.run([sys.executable, "-c", "import pocketlm.steer.static_stream, sys; "
-                           "assert 'pocketlm.steer.streams' not in sys.modules"], capture_output=True, text=True)
+    assert not any(m.endswith("static") for m in _imports(STEER / "streams" / "dynamic.py"))
+    assert not any(m.endswith("dynamic") for m in _imports(STEER / "streams" / "static.py"))
+    proc = subprocess.run([sys.executable, "-c", "import pocketlm.steer.streams.static, sys; "
+                           "assert 'pocketlm.steer.streams.dynamic' not in sys.modules"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

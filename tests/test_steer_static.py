@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe
-from pocketlm.steer.backend import HFCloudBackend
-from pocketlm.steer.decoding import SteerEngine, SteerRequest
-from pocketlm.steer.kvmode import make_stream, resolve_kv
-from pocketlm.steer.methods import parse_methods
-from pocketlm.steer.static_stream import StaticLMStream, static_unsupported
-from pocketlm.steer.streams import LMStream
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.engine import SteerEngine, SteerRequest
+from pocketlm.steer.fusion.methods import parse_methods
+from pocketlm.steer.streams.dynamic import LMStream
+from pocketlm.steer.streams.kvmode import make_stream, resolve_kv
+from pocketlm.steer.streams.static import StaticLMStream, static_unsupported
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33]]
 EXPAND = [0, 1, 1, 2]  # row 1 and 2 share a prompt (prefilled once)
@@ -201,7 +201,7 @@ def test_graph_step_semantics_on_cpu():
 def test_no_recompile_inside_a_capture():
     """Inside a capture a compiled step must hit its cache; a recompile raises instead of compiling there
     (where inductor's compile-time RNG broke the H200 capture)."""
-    from pocketlm.steer.static_stream import _no_recompile
+    from pocketlm.steer.streams.static import _no_recompile
 
     if not hasattr(torch.compiler, "set_stance"):
         pytest.skip("torch.compiler.set_stance needs torch >= 2.6")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 
 from ..progress import progress
-from ..steer.certify import DownlinkStats
-from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
-from ..steer.methods import parse_methods
-from ..steer.remote import RemoteCloud, RemoteTopK
+from ..steer.cloud.remote import RemoteCloud, RemoteTopK
+from ..steer.downlink.certify import DownlinkStats
+from ..steer.engine import SteerEngine, SteerRequest, chat_ids
+from ..steer.fusion.methods import parse_methods
 from .geometries import GEOMETRIES, load_bench_model
 from .serve_bench import ServerProcess
 

@@ -129,7 +129,7 @@ def run_child(job: dict) -> dict:
         model, tok = load_bench_model(job["cloud"], device=job["device"], dtype=job["dtype"])
         doc = bench_hf_generate(model, tok, tokens=job["tokens"], repeats=job["repeats"])
         return {**doc, "plain_tok_s": doc["static_tok_s"], "kv": "hf_static"}
-    from ..steer.methods import parse_methods
+    from ..steer.fusion.methods import parse_methods
     from ..steer.session import load_engine
     from .geometries import GEOMETRIES
     from .steer_bench import bench_steer

@@ -23,10 +23,10 @@ from pathlib import Path
 from ..errors import PocketLMError
 from ..models.builtin import BUILTIN_MODELS, builtin_gguf
 from ..progress import progress
-from ..steer.certify import DownlinkStats
-from ..steer.decoding import SteerEngine, SteerRequest
-from ..steer.methods import parse_methods
-from ..steer.openai_cloud import OpenAICloud
+from ..steer.cloud.openai import OpenAICloud
+from ..steer.downlink.certify import DownlinkStats
+from ..steer.engine import SteerEngine, SteerRequest
+from ..steer.fusion.methods import parse_methods
 from .downlink_bench import REQUESTS
 from .geometries import load_bench_model
 from .serve_bench import _free_port

@@ -28,11 +28,11 @@ import numpy as np
 
 from ..errors import PocketLMError
 from ..progress import progress
-from ..steer.backend import HFCloudBackend
-from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
-from ..steer.methods import get_method
-from ..steer.remote import RemoteCloud, ws_url
-from ..steer.wire import decode_scores, op
+from ..steer.cloud.in_process import HFCloudBackend
+from ..steer.cloud.remote import RemoteCloud, ws_url
+from ..steer.cloud.wire import decode_scores, op
+from ..steer.engine import SteerEngine, SteerRequest, chat_ids
+from ..steer.fusion.methods import get_method
 from .geometries import GEOMETRIES, load_bench_model
 from .steer_bench import QUERY, synthetic_context
 

@@ -13,9 +13,9 @@ import statistics
 from dataclasses import replace
 
 from ..progress import progress
-from ..steer.decoding import SteerEngine, SteerRequest
-from ..steer.kvmode import cache_modes
-from ..steer.methods import Method, get_method
+from ..steer.engine import SteerEngine, SteerRequest
+from ..steer.fusion.methods import Method, get_method
+from ..steer.streams.kvmode import cache_modes
 
 log = logging.getLogger(__name__)
 

@@ -70,9 +70,8 @@ def demo_cmd(
 
 
 def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
-    from ..leakage import leak_report
-    from ..steer.demo import steered_vs_plain
-    from ..steer.guards import build_guards
+    from ..steer.fusion.guards import build_guards
+    from ..steer.fusion.leakage import leak_report
 
     console.print(f"\n[bold]CoSteer[/]: {model} plays the cloud (sees only the prompt) and the device "
                   "(also sees the private context)")
@@ -88,6 +87,19 @@ def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
                   f"{leak['longest_copy_words']} words; context-only words {', '.join(leak['context_words']) or 'none'}[/]")
 
 
+def steered_vs_plain(cloud_spec: str, local_spec: str, context: str, prompt: str, max_new_tokens: int = 48,
+                     device: str | None = None, method: str = "closed_form", guards=()) -> tuple[str, str]:
+    """Return (plain cloud text, steered text) for `prompt`, greedy; the same model may be cloud and device.
+    `guards` (e.g. the leak guard) apply to the steered row. The cloud only receives chat(prompt) token ids."""
+    from ..steer import SteerRequest, get_method, load_engine
+
+    engine = load_engine(cloud_spec, local_spec, device=device)
+    req = SteerRequest.with_context(prompt, context)
+    plain, steered = engine.generate([req, req], [get_method("cloud"), get_method(method).with_guards(*guards)],
+                                     max_new_tokens=max_new_tokens)
+    return plain.text, steered.text
+
+
 PERSONAL_PROMPT = "Write two sentences about how to spend a free Sunday."
 
 
@@ -100,9 +112,9 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
     from ..models import load_model
     from ..moe.personal import load_personal
-    from ..steer.backend import HFCloudBackend
-    from ..steer.decoding import SteerEngine, SteerRequest
-    from ..steer.methods import get_method
+    from ..steer.cloud.in_process import HFCloudBackend
+    from ..steer.engine import SteerEngine, SteerRequest
+    from ..steer.fusion.methods import get_method
 
     users = [u for u in ("de", "it") if (run / "users" / u).is_dir()]
     if not users:

@@ -25,8 +25,8 @@ from ..eval.report import plot_personal_tradeoff
 from ..jsonfile import write_json
 from ..models import load_model
 from ..moe.personal import load_personal
-from ..steer.backend import HFCloudBackend
-from ..steer.decoding import SteerEngine
+from ..steer.cloud.in_process import HFCloudBackend
+from ..steer.engine import SteerEngine
 from .app import app, console
 from .bench_cmds import hardware
 from .options import DeviceOpt, DtypeOpt, JsonOutOpt, MaxNewTokensOpt, ThreadsOpt, float_list

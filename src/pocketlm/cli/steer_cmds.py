@@ -13,12 +13,12 @@ from rich.table import Table
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import DataError, PocketLMError
 from ..jsonfile import write_json
-from ..steer.decoding import Sampling, SteerRequest
-from ..steer.guards import build_guards
-from ..steer.kvmode import KV_MODES
-from ..steer.leak_guard import parse_front_matter
-from ..steer.methods import METHODS, get_method, parse_methods
+from ..steer.engine import Sampling, SteerRequest
+from ..steer.fusion.guards import build_guards
+from ..steer.fusion.leak_guard import parse_front_matter
+from ..steer.fusion.methods import METHODS, get_method, parse_methods
 from ..steer.session import load_engine
+from ..steer.streams.kvmode import KV_MODES
 from .app import app, bench_app, console
 from .bench_cmds import hardware
 from .options import (

@@ -30,8 +30,8 @@ from statistics import fmean
 
 from ..errors import PocketLMError
 from ..progress import progress
-from ..steer.decoding import SteerEngine, SteerRequest, chat_ids
-from ..steer.methods import NO_CONTEXT_SIGNALS, get_method
+from ..steer.engine import SteerEngine, SteerRequest, chat_ids
+from ..steer.fusion.methods import NO_CONTEXT_SIGNALS, get_method
 from .personal_metrics import cloud_perplexity, distinct2
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from ..leakage import words
+from ..steer.fusion.leakage import words
 
 STOP_WORDS = {
     "en": "the and of to a in is that it for you was with on as have be at not this but by from are or his".split(),

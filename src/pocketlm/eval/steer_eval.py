@@ -17,10 +17,10 @@ from statistics import fmean, stdev
 from ..data.steering import SteerExample
 from ..errors import DataError
 from ..jsonfile import write_json
-from ..leakage import leak_report
 from ..progress import progress
-from ..steer.decoding import Sampling, SteerEngine, SteerRequest
-from ..steer.methods import Method
+from ..steer.engine import Sampling, SteerEngine, SteerRequest
+from ..steer.fusion.leakage import leak_report
+from ..steer.fusion.methods import Method
 from .text_metrics import meteor, meteor_status, rouge_means, rouge_per_example
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..data.steering import SteerExample
 from ..errors import DataError
-from ..steer.leak_guard import max_copy_untouched
+from ..steer.fusion.leak_guard import max_copy_untouched
 from .steer_eval import _kappa_value, _MethodInfo, score
 
 SAME_KEYS = ("max_new_tokens", "temperature", "top_p", "dtype", "vocab")

@@ -18,8 +18,8 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
-from ..steer.backend import eos_ids
-from ..steer.wire import FORMATS, MAX_TOPK, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
+from ..steer.cloud.in_process import eos_ids
+from ..steer.cloud.wire import FORMATS, MAX_TOPK, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
 from .batcher import BATCH_BUCKETS, Batcher, ServeError, Session, Work
 
 log = logging.getLogger(__name__)

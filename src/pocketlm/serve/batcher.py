@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PocketLMError
-from ..steer.prefill import unique_prompts
-from ..steer.topk import truncate
-from ..steer.wire import encode_scores, encode_topk
+from ..steer.cloud.wire import encode_scores, encode_topk
+from ..steer.downlink.topk import truncate
+from ..steer.streams.prefill import unique_prompts
 from .pool import KVPool
 
 log = logging.getLogger(__name__)

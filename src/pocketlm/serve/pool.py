@@ -7,7 +7,7 @@ row's filled prefix (a per-row validity mask), so rows of different lengths shar
 padding or joining caches (HF's DynamicCache would need every session's cache concatenated and split again
 on every step). Memory is allocated once: sessions coming and going reuse slots, so it stays flat.
 
-The one-token forward reuses the model's own modules like `steer.static_stream` (Llama / Qwen2 / Qwen3
+The one-token forward is `steer.streams.llama_step.decode`, shared with the static stream (Llama / Qwen2 / Qwen3
 layouts); prefill runs the model's normal forward once per distinct prompt and copies the keys/values in.
 """
 
@@ -18,8 +18,8 @@ import logging
 import torch
 
 from ..errors import PocketLMError
-from ..steer.prefill import prefill_one
-from ..steer.static_stream import attend, project_qkv, static_unsupported
+from ..steer.streams.llama_step import decode, static_unsupported, store_prefill
+from ..steer.streams.prefill import prefill_one
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,8 @@ class KVPool:
             raise PocketLMError(f"prompt of {len(prompt)} tokens does not fit {self.capacity} slots")
         cache, logits = prefill_one(self.model, prompt, self.device)
         n = len(prompt)
-        for layer in range(len(self.k)):
-            kv = cache.layers[layer]
-            for s in slots:
-                self.k[layer][s, :, :n].copy_(kv.keys[0])
-                self.v[layer][s, :, :n].copy_(kv.values[0])
+        for s in slots:
+            store_prefill(cache, self.k, self.v, s, 0)
         for s in slots:
             self.length[s] = n
         return logits
@@ -93,18 +90,14 @@ class KVPool:
         return out
 
     def _decode(self, rows: torch.Tensor, tok: torch.Tensor, at: torch.Tensor, span: int) -> torch.Tensor:
-        m, n = self.inner, rows.numel()
-        h = m.embed_tokens(tok)                                   # [n, 1, H]
-        cos, sin = m.rotary_emb(h, at.view(n, 1))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        n = rows.numel()
         filled = torch.arange(span, device=self.device).unsqueeze(0) <= at.unsqueeze(1)  # [n, span]
         bias = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=self.device)
         bias = bias.masked_fill(~filled[:, None, None, :], float("-inf"))
-        for i, layer in enumerate(m.layers):
-            q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, self.kv_heads)
-            self.k[i][rows, :, at] = k[:, :, 0]  # each row at its own position
+
+        def write(i, k, v):  # each row at its own position
+            self.k[i][rows, :, at] = k[:, :, 0]
             self.v[i][rows, :, at] = v[:, :, 0]
-            keys, values = self.k[i][:, :, :span][rows], self.v[i][:, :, :span][rows]
-            h = h + attend(layer.self_attn, q, keys, values, bias)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h))[:, -1, :].float()
+            return self.k[i][:, :, :span][rows], self.v[i][:, :, :span][rows]
+
+        return decode(self.model, tok, at.view(n, 1), bias, write, self.kv_heads)[:, -1, :]

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PocketLMError
-from .certify import SAMPLING_MODES, Certifier, DownlinkStats
-from .fusion import NEG
-from .methods import Method
-from .rules import StepView
+from .downlink.certify import SAMPLING_MODES, Certifier, DownlinkStats
+from .fusion.formulas import NEG
+from .fusion.methods import Method
+from .fusion.rules import StepView
 
 MAX_GUARD_REJECTIONS = 256  # per row and step; past it the row ends (finish='guard') rather than leak
 

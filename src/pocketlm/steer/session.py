@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 from ..models import load_model
 from ..moe.personal import load_personal
-from .backend import HFCloudBackend
-from .decoding import SteerEngine
-from .openai_cloud import is_openai
-from .wire import TOPK, is_remote, topk_of
+from .cloud.in_process import HFCloudBackend
+from .cloud.openai import is_openai
+from .cloud.wire import TOPK, is_remote, topk_of
+from .engine import SteerEngine
 
 
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
@@ -33,11 +33,11 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
             dev_model = load_personal(dev_model, adapters)
         token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
         if is_openai(cloud_spec):
-            from .openai_cloud import OpenAICloud  # httpx: the `serve` extra
+            from .cloud.openai import OpenAICloud  # httpx: the `serve` extra
 
             cloud = OpenAICloud(cloud_spec, dev_tok, api_key=token, logprobs=cloud_logprobs, prompt=cloud_prompt)
         else:
-            from .remote import RemoteCloud, RemoteTopK  # the `serve` extra
+            from .cloud.remote import RemoteCloud, RemoteTopK  # the `serve` extra
 
             if cloud_format.startswith(TOPK):
                 k, ask = topk_of(cloud_format)

@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .backend import eos_ids
+from ..downlink.topk import TopKLogits
+from .in_process import eos_ids
 from .openai_http import LogprobsCapped, NotCertifiable, OpenAICloudError, Transport
 from .openai_pieces import PieceMap, RowTop, parse_top
-from .topk import TopKLogits
 
 log = logging.getLogger(__name__)
 

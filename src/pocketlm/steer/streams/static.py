@@ -1,4 +1,4 @@
-"""A decode stream with a preallocated KV cache and its own one-token forward, CUDA-graph captured on GPUs.
+"""A decode stream with a preallocated KV cache and a fixed-shape one-token forward, CUDA-graph captured on GPUs.
 
 Why: HF eager decoding with a DynamicCache spends ~26 ms per step on an H100 in Python, mask building and
 kernel launches (issue 4), against a ~5 ms memory floor for a 7B step. Here every decode step has fixed shapes:
@@ -11,9 +11,9 @@ With `compile` the step is first compiled by `torch.compile` (inductor by defaul
 elementwise kernels per layer — norms, rotary, softmax glue — that would otherwise dominate a small model's
 graph-replayed step), then captured. Compiled steps always attend over the full capacity (fixed shapes).
 
-The forward reuses the model's own modules (embeddings, norms, projections, rotary embedding, MLP — a CoMiGS
-mixture MLP too) and re-implements only the attention glue, for the Llama / Qwen2 / Qwen3 layer layout.
-Prefill runs the model's normal forward (once per distinct prompt), then copies the keys/values in.
+The forward is `llama_step.decode` (the model's own modules, only the attention glue re-implemented, for the
+Llama / Qwen2 / Qwen3 layout; the step server's pool uses it too). Prefill runs the model's normal forward (once
+per distinct prompt), then copies the keys/values in.
 Tests compare its logits with the dynamic-cache stream.
 """
 
@@ -26,33 +26,18 @@ from contextlib import contextmanager
 
 import torch
 
-from ..errors import PocketLMError
-from ..moe.row_adapters import PERSONAL, adapter_rows
+from ...errors import PocketLMError
+from ...moe.row_adapters import PERSONAL, adapter_rows
+from .llama_step import decode, static_unsupported, store_prefill
 from .prefill import adapter_flags, check_prompts, prefill_one
+
+__all__ = ["StaticLMStream", "static_unsupported"]
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("llama", "qwen2", "qwen3")
-_DYNAMIC_ROPE = ("dynamic", "longrope")  # inv_freq depends on the sequence length: not a fixed graph
 # one capture at a time in the process (the overlapped cloud step captures in a worker thread); captures are
 # also thread-local, so the other thread's ordinary work (allocations, syncs) does not break them
 _CAPTURE_LOCK = threading.Lock()
-
-
-def static_unsupported(model) -> str | None:
-    """Why `model` cannot use the static stream (None if it can)."""
-    cfg = model.config
-    if cfg.model_type not in FAMILIES:
-        return f"model type {cfg.model_type!r} (static KV decoding knows {', '.join(FAMILIES)})"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "sliding-window attention layers"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and any(k in str(rope.get("rope_type", rope.get("type", ""))) for k in _DYNAMIC_ROPE):
-        return f"rope type {rope.get('rope_type')!r}"
-    inner = getattr(model, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return "an unexpected module layout"
-    return None
 
 
 @contextmanager
@@ -64,35 +49,6 @@ def _no_recompile(compiled: bool):
             yield
     else:
         yield
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int):
-    """One token's query / key / value `[n, heads, 1, D]` from the normed hidden state `x` `[n, 1, H]`, rotated."""
-    n, d = x.shape[0], attn.head_dim
-    q = attn.q_proj(x).view(n, 1, -1, d)
-    k = attn.k_proj(x).view(n, 1, kv_heads, d)
-    v = attn.v_proj(x).view(n, 1, kv_heads, d)
-    if hasattr(attn, "q_norm"):  # Qwen3
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-
-def attend(attn, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The attention block's output `[n, 1, H]` for one query token over `keys`/`values` `[n, kv_heads, S, D]`
-    under an additive `bias` `[n, 1, 1, S]` (-inf on empty slots)."""
-    n, heads, _, d = q.shape
-    kv_heads = keys.shape[1]
-    # grouped-query attention without repeating the cache: query head j*g + r reads kv head j
-    qg = q.reshape(n, kv_heads, heads // kv_heads, d)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * attn.scaling + bias
-    probs = scores.softmax(-1).to(values.dtype)
-    return attn.o_proj(torch.matmul(probs, values).reshape(n, 1, heads * d))
 
 
 class StaticLMStream:
@@ -199,10 +155,7 @@ class StaticLMStream:
         self.valid.zero_()
         for j, e in enumerate(expand):
             lo = width - len(prompts[e])
-            for layer in range(len(self.k)):
-                kv = caches[e].layers[layer]
-                self.k[layer][j, :, lo:width].copy_(kv.keys[0])
-                self.v[layer][j, :, lo:width].copy_(kv.values[0])
+            store_prefill(caches[e], self.k, self.v, j, lo)
             self.valid[j, lo:width] = True
             self.pos[j] = len(prompts[e]) - 1
             self.adapters[j] = PERSONAL if flags is None else flags[e]
@@ -213,21 +166,17 @@ class StaticLMStream:
     # -- decode --------------------------------------------------------------------------------
     def _decode(self, n: int, span: int) -> torch.Tensor:
         """One token for the first `n` rows from the static buffers; attention over slots [0, span)."""
-        m = self.inner
-        h = m.embed_tokens(self.ids[:n])                      # [n, 1, H]
-        cos, sin = m.rotary_emb(h, self.pos[:n].view(n, 1))  # [n, 1, D]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         self.valid[:n].index_fill_(1, self.slot, True)
         bias = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=self.device)
         bias = bias.masked_fill(~self.valid[:n, None, None, :span], float("-inf"))
-        for i, layer in enumerate(m.layers):
-            q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, self.kv_heads)
+
+        def write(i, k, v):
             keys, values = self.k[i][:n], self.v[i][:n]
             keys.index_copy_(2, self.slot, k)
             values.index_copy_(2, self.slot, v)
-            h = h + attend(layer.self_attn, q, keys[:, :, :span], values[:, :, :span], bias)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h))[:, -1, :].float()
+            return keys[:, :, :span], values[:, :, :span]
+
+        return decode(self.model, self.ids[:n], self.pos[:n].view(n, 1), bias, write, self.kv_heads)[:, -1, :]
 
     def _graph(self, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The captured step for `n` live rows (captured on first use). Warm-up and capture run the very step

@@ -6,9 +6,9 @@ Its own module so that neither stream implementation imports the other.
 
 from __future__ import annotations
 
-from ..errors import PocketLMError
-from .static_stream import StaticLMStream, static_unsupported
-from .streams import LMStream
+from ...errors import PocketLMError
+from .dynamic import LMStream
+from .static import StaticLMStream, static_unsupported
 
 KV_MODES = ("auto", "static", "compiled", "dynamic")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import PocketLMError
-from .fusion import NEG
+from ...errors import PocketLMError
+from ..fusion.formulas import NEG
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ..errors import PocketLMError
+from ...errors import PocketLMError
 
 
 @runtime_checkable

@@ -13,8 +13,8 @@ import re
 import threading
 import time
 
-from ..errors import PocketLMError
-from .certify import NotCertifiable as StepNotCertifiable
+from ...errors import PocketLMError
+from ..downlink.certify import NotCertifiable as StepNotCertifiable
 
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PocketLMError
-from .backend import eos_ids
-from .device_streams import DevicePrompt, DeviceScores, DeviceStreams
-from .fusion import log_policy
-from .kvmode import KV_MODES
-from .methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
+from .cloud.in_process import eos_ids
+from .downlink.topk import PartialCloud, TopKLogits
+from .fusion.formulas import log_policy
+from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
+from .fusion.rules import StepView
 from .overlap import Overlap
 from .plan import DecodePlan, Generation, Sampling
-from .prefill import unique_prompts
-from .protocol import CloudBackend
-from .rules import StepView
-from .topk import PartialCloud, TopKLogits
+from .streams.device import DevicePrompt, DeviceScores, DeviceStreams
+from .streams.kvmode import KV_MODES
+from .streams.prefill import unique_prompts
+from .streams.protocol import CloudBackend
 from .vocab import VocabAlign
 
 log = logging.getLogger(__name__)

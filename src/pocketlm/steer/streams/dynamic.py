@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..moe.row_adapters import adapter_rows
+from ...moe.row_adapters import adapter_rows
 from .prefill import adapter_flags, check_prompts, forward_step, join_left_padded, prefill_one
 
 

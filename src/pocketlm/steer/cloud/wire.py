@@ -30,8 +30,8 @@ import struct
 
 import torch
 
-from ..errors import PocketLMError
-from .topk import TopKLogits
+from ...errors import PocketLMError
+from ..downlink.topk import TopKLogits
 
 PROTOCOL = 1
 PATH = "/v1/steer"

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..errors import PocketLMError
-from ..moe.row_adapters import BASE, PERSONAL, SHARED
-from .fusion import DEFAULT_T, kappa_from_hparams
+from ...errors import PocketLMError
+from ...moe.row_adapters import BASE, PERSONAL, SHARED
+from .formulas import DEFAULT_T, kappa_from_hparams
 from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, FusionRule, Gated, Plausible
 
 # delta = informed - reference, on the device:

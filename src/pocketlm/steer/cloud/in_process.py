@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PocketLMError
-from .kvmode import cache_modes, make_stream, resolve_kv
-from .protocol import CloudBackend
+from ...errors import PocketLMError
+from ..streams.kvmode import cache_modes, make_stream, resolve_kv
+from ..streams.protocol import CloudBackend
 
 __all__ = ["CloudBackend", "HFCloudBackend", "eos_ids"]
 

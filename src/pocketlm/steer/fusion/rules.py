@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import PocketLMError
-from . import fusion as F
+from ...errors import PocketLMError
+from . import formulas as F
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..errors import PocketLMError
-from .protocol import CloudBackend
+from ...errors import PocketLMError
+from ..streams.protocol import CloudBackend
 
 
 @dataclass

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import PocketLMError
-from ..leakage import ngrams, words
+from ...errors import PocketLMError
+from .leakage import ngrams, words
 
 TAIL_TOKENS_PER_WORD = 4
 

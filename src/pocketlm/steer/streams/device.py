@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..moe.row_adapters import PERSONAL
+from ...moe.row_adapters import PERSONAL
 from .kvmode import make_stream
 from .prefill import unique_prompts
 

@@ -15,9 +15,9 @@ import torch
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import connect
 
+from ..downlink.certify import NotCertifiable
+from ..downlink.topk import TopKLogits
 from . import wire
-from .certify import NotCertifiable
-from .topk import TopKLogits
 from .wire import RemoteCloudError
 
 log = logging.getLogger(__name__)
