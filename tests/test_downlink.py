@@ -68,7 +68,7 @@ def test_greedy_tokens_equal_full_vocabulary_fusion_for_every_method(serve_pair,
     out, engine = decode(TruncatedCloud(HFCloudBackend(cloud, tok), k), serve_pair)
     assert [g.token_ids for g in out] == [g.token_ids for g in ref]
     assert [g.finish for g in out] == [g.finish for g in ref]
-    stats = engine.downlink
+    stats = out.stats.downlink
     assert stats["rows"] > 0 and stats["uncertified"] == 0
     assert stats["exact_requests"] > 0  # a tiny random model is flat: the top-k alone is often not enough
     assert stats["deepened"] > 0 or ask_limit > 0
@@ -91,7 +91,7 @@ def test_sampling_exact_fetches_full_rows_and_truncated_stays_in_the_top_k(serve
     out, engine = decode(TruncatedCloud(HFCloudBackend(cloud, tok), 4), serve_pair, "closed_form,plausible",
                          sampling=exact)
     assert [g.token_ids for g in out] == [g.token_ids for g in ref]
-    assert engine.downlink["full_rows"] == engine.downlink["rows"]
+    assert out.stats.downlink["full_rows"] == out.stats.downlink["rows"]
     greedy, _ = decode(HFCloudBackend(cloud, tok), serve_pair, "cloud")
     one, _ = decode(TruncatedCloud(HFCloudBackend(cloud, tok), 1), serve_pair, "cloud",
                     sampling=Sampling(temperature=1.0, seed=3, downlink="truncated"))
@@ -133,8 +133,8 @@ def test_a_cloud_that_cannot_answer_leaves_rows_uncertified_and_picks_a_known_to
         return top
     backend.step = record
     out, engine = decode(backend, serve_pair, "closed_form", tokens=12)
-    assert engine.downlink["uncertified"] > 0
-    assert (engine.downlink["excluded_ids"] > 0) == (kind is Vague)
+    assert out.stats.downlink["uncertified"] > 0
+    assert (out.stats.downlink["excluded_ids"] > 0) == (kind is Vague)
     assert all(t in s for t, s in zip(out[0].token_ids[1:], seen, strict=False))
 
 
@@ -158,12 +158,12 @@ def test_step_server_topk_equals_full_f32_with_fewer_bytes(serve_pair, monkeypat
             out = engine.generate(reqs, ms, max_new_tokens=20)
             engine.close()
             assert rc.columns == engine.align.size
-            assert engine.downlink["deepened"] > 0
+            assert out.stats.downlink["deepened"] > 0
             top_down = rc.bytes_down
         with RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2, ask=False) as quiet:  # candidate ids never go up
             engine = SteerEngine(quiet, tok, device, tok)
-            engine.generate(reqs, ms, max_new_tokens=20)
-            assert engine.downlink["uncertified"] > 0 and engine.downlink["exact_requests"] == 0
+            quiet_out = engine.generate(reqs, ms, max_new_tokens=20)
+            assert quiet_out.stats.downlink["uncertified"] > 0 and quiet_out.stats.downlink["exact_requests"] == 0
     assert [g.token_ids for g in out] == [g.token_ids for g in ref]
     assert top_down < full_down
 

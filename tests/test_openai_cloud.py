@@ -326,7 +326,7 @@ def test_steering_through_the_server_equals_the_in_process_cloud(serve_pair, max
         out = engine.generate(reqs, methods, max_new_tokens=10)
         assert isinstance(engine.cloud, OpenAICloud) and engine.cloud.prompt_mode == "ids"
         assert [g.token_ids for g in out] == [g.token_ids for g in ref]
-        assert engine.downlink["uncertified"] == 0 and engine.downlink["rows"] > 0
+        assert out.stats.downlink["uncertified"] == 0 and out.stats.downlink["rows"] > 0
         assert engine.cloud.stats["exact_requests" if max_logprobs < len(tok) else "wide_requests"] > 0
         engine.close()
         engine.cloud.close()
@@ -350,7 +350,7 @@ def test_steering_through_a_real_llama_cpp_server():
         gens = engine.generate([SteerRequest.with_context(query, context)] * 2, parse_methods("cloud,closed_form@1"),
                                max_new_tokens=12)
         assert cloud.prompt_mode == "text"  # llama.cpp refuses token-id prompts
-        assert engine.downlink["rows"] == 24 and engine.downlink["certified"] >= 12  # the cloud rows certify alone
+        assert gens.stats.downlink["rows"] == 24 and gens.stats.downlink["certified"] >= 12  # the cloud rows certify alone
         prompt = engine.device_tok.decode(chat_ids(engine.device_tok, query), skip_special_tokens=False)
         direct = cloud.http.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0,
                                                              "repeat_penalty": 1.0})  # its default is 1.1

@@ -74,7 +74,7 @@ def test_overlapped_cloud_step_gives_identical_tokens(models):
     eng = engine(models, overlap=True)
     b = eng.generate(reqs, ms, max_new_tokens=9)
     assert [(g.token_ids, g.finish) for g in a] == [(g.token_ids, g.finish) for g in b]
-    assert eng.calls["cloud"] == eng.calls["device"] and eng.timings["cloud"] > 0
+    assert b.stats.calls["cloud"] == b.stats.calls["device"] and b.stats.timings["cloud"] > 0
     eng.close()
 
 
@@ -156,11 +156,12 @@ def test_ada_gate_stops_device_streams(models):
     _, device, tok = models
     cloud = ScriptedCloud([[65] * 20])  # always certain -> gate closes after 3 tokens
     eng = SteerEngine(cloud, tok, device, tok)
-    g = eng.generate([req()], [get_method("ada_costeer")], max_new_tokens=10, ignore_eos=True)[0]
+    out = eng.generate([req()], [get_method("ada_costeer")], max_new_tokens=10, ignore_eos=True)
+    g = out[0]
     assert g.steered_tokens == 2 and len(g.token_ids) == 10
     assert g.token_ids[2:] == [65] * 8
-    assert eng.calls["device"] == 3  # prefill + 2 steps, then the device streams stop for good
-    assert eng.calls["cloud"] == 10
+    assert out.stats.calls["device"] == 3  # prefill + 2 steps, then the device streams stop for good
+    assert out.stats.calls["cloud"] == 10
 
 
 class RecordingCloud(HFCloudBackend):

@@ -52,9 +52,10 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
                 engine = SteerEngine(rc, dev_tok, dev_model, dev_tok, slice_to_tokenizer=not geometry)
                 gens, totals = [], DownlinkStats()
                 for i in range(0, len(reqs), len(ms)):  # one request's methods per generate (a device batch)
-                    gens += engine.generate(reqs[i:i + len(ms)], row_methods[i:i + len(ms)], max_new_tokens=tokens)
-                    if engine.downlink:
-                        totals.add(engine.downlink)
+                    out = engine.generate(reqs[i:i + len(ms)], row_methods[i:i + len(ms)], max_new_tokens=tokens)
+                    gens += out
+                    if out.stats.downlink:
+                        totals.add(out.stats.downlink)
                 engine.close()
                 made = sum(len(g.token_ids) + (g.finish == "eos") for g in gens)
                 row = doc["rows"].setdefault(name, totals.as_dict() if totals.rows else {})

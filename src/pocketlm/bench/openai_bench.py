@@ -98,8 +98,9 @@ def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, re
     stats = DownlinkStats()
     gens, t0 = [], time.perf_counter()
     for q, c in REQUESTS[:requests]:  # one request's methods per generate (a device batch)
-        gens += engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
-        stats.add(engine.downlink)
+        out = engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
+        gens += out
+        stats.add(out.stats.downlink)
     wall = time.perf_counter() - t0
     engine.close()
     made = sum(len(g.token_ids) for g in gens)

@@ -153,9 +153,9 @@ def bench_serve(cloud: str, local: str, *, tokens: int = 32, context_tokens: int
                 r = remotes["f16" if eng is engines["f16"] else "f32"] if eng is not local_engine else None
                 up0, down0 = (r.bytes_up, r.bytes_down) if r else (0, 0)
                 n = 4 if rnd == 0 else tokens
-                eng.generate([req], [get_method(method)], max_new_tokens=n, ignore_eos=True)
+                out = eng.generate([req], [get_method(method)], max_new_tokens=n, ignore_eos=True)
                 if rnd > 0:
-                    times[name].append(eng.timings["decode_s"])
+                    times[name].append(out.stats.timings["decode_s"])
                     if r:
                         traffic[name] = ((r.bytes_up - up0) // tokens, (r.bytes_down - down0) // tokens)
         for eng in (local_engine, *engines.values()):

@@ -71,9 +71,10 @@ def bench_steer(engine: SteerEngine, methods: list[Method], *, tokens: int = 32,
         for name, m, fused, overlapped, mode in configs:
             engine.fuse_device_streams, engine.overlap, engine.kv = fused, overlapped, mode
             n = warmup_tokens if rnd == 0 else tokens
-            g = engine.generate([req], [m], max_new_tokens=n, ignore_eos=True)[0]
+            out = engine.generate([req], [m], max_new_tokens=n, ignore_eos=True)
+            g = out[0]
             if rnd > 0:
-                times[name].append(engine.timings["decode_s"])
+                times[name].append(out.stats.timings["decode_s"])
                 steered[name] = g.steered_tokens
     engine.restore(caller)
     engine.close()

@@ -1,5 +1,9 @@
 """The steering decoder: a cloud stream and the device's stream pair, per-row fusion rules and guards, per-row EOS.
 
+One step, stage by stage: the cloud's answer becomes a `CloudStep` (a log-policy and, if truncated, a
+known-mask), the plan fuses every method's rows, certifies a truncated step, chooses under the guards and
+records; finished rows leave every stream. `generate` returns the generations with their statistics.
+
 Streams (research/costeer.md §2.5), each a `protocol.Stream`:
   cloud         chat(query)            — a `CloudBackend`, which only ever receives token ids
   device plain  chat(query)            — device model
@@ -23,12 +27,13 @@ import torch
 
 from ..errors import PocketLMError
 from .cloud.in_process import eos_ids
-from .downlink.topk import PartialCloud, TopKLogits
+from .cloud_step import CloudStep
 from .fusion.formulas import log_policy
 from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
 from .fusion.rules import StepView
 from .overlap import Overlap
 from .plan import DecodePlan, Generation, Sampling
+from .stats import GenerateStats, Generations
 from .streams.device import DevicePrompt, DeviceScores, DeviceStreams
 from .streams.kvmode import KV_MODES
 from .streams.prefill import unique_prompts
@@ -38,7 +43,8 @@ from .vocab import VocabAlign
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
-__all__ = ["DEFAULT_SYSTEM", "Generation", "Sampling", "SteerEngine", "SteerRequest", "chat_ids"]
+__all__ = ["DEFAULT_SYSTEM", "GenerateStats", "Generation", "Generations", "Sampling", "SteerEngine", "SteerRequest",
+           "chat_ids"]
 
 
 def chat_ids(tokenizer, user: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
@@ -91,26 +97,15 @@ class SteerEngine:
         dev_rows = device_model.get_output_embeddings().weight.shape[0]
         cloud_rows = cloud.vocab_rows if cloud is not None else dev_rows
         self.align = VocabAlign.build(vocab, cloud_tok, device_tok, cloud_rows, dev_rows, slice_to_tokenizer)
-        self.partial = isinstance(cloud, PartialCloud)
+        self.partial = bool(getattr(cloud, "truncates", False))
         if self.partial:  # a truncated downlink: the cloud must know the fused width to bound the rest
             if self.align.mode != "shared":
                 raise PocketLMError("a top-k cloud downlink needs one shared vocabulary (vocab='shared')")
-            cloud.columns = self.align.size
-        self.downlink: dict | None = None  # the last generate()'s certification counts (top-k clouds only)
+            cloud.narrow(self.align.size)
         self.cloud_eos = set(cloud.eos_token_ids) if cloud is not None else set()
         self.device_eos = eos_ids(device_model, device_tok)
         pad = device_tok.pad_token_id
         self.pad_id = pad if pad is not None else (device_tok.eos_token_id or 0)
-
-    @property
-    def timings(self) -> dict[str, float]:
-        """Seconds per part of the last generate() (cloud, device, fusion, prefill_s, decode_s)."""
-        return self.clock.timings
-
-    @property
-    def calls(self) -> dict[str, int]:
-        """Forward calls (prefill + steps) per stream of the last generate()."""
-        return self.clock.calls
 
     @property
     def kv(self) -> str:
@@ -145,17 +140,17 @@ class SteerEngine:
     @torch.inference_mode()
     def generate(self, requests: list[SteerRequest], methods: list[Method], *, max_new_tokens: int = 128,
                  sampling: Sampling | None = None, on_token: Callable[[int, int], None] | None = None,
-                 ignore_eos: bool = False) -> list[Generation]:
-        """Decode row i of `requests` with `methods[i]`; `on_token(row, device_token_id)` streams tokens."""
+                 ignore_eos: bool = False) -> Generations:
+        """Decode row i of `requests` with `methods[i]`; `on_token(row, device_token_id)` streams tokens. Returns
+        the generations (a list) with `.stats` (timings, forward calls, downlink counts)."""
         sampling = sampling or Sampling()
         if max_new_tokens < 1:
             raise PocketLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        plan = DecodePlan(requests, methods, self.device_tok, cloud=self.cloud if self.partial else None)
+        plan = DecodePlan(requests, methods, self.device_tok)
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")
-        gen = None
-        if sampling.temperature > 0:
-            gen = torch.Generator(device=next(self.device_model.parameters()).device).manual_seed(sampling.seed)
+        dev_device = next(self.device_model.parameters()).device
+        gen = torch.Generator(device=dev_device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         self.clock.reset()
         cloud, device = self.cloud if plan.uses_cloud else None, self._device_streams_for_run()
         use_device = plan.uses_plain or plan.uses_ctx
@@ -163,18 +158,21 @@ class SteerEngine:
         t_decode = self.clock.start_decode()
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
-            scores, steered = plan.fuse(self._view(cl, dev, plan.live), self.align.size,
-                                        cl if isinstance(cl, TopKLogits) else None)
-            tok = plan.choose(scores, sampling, gen, self.align.to_device)
-            cloud_ids, dev_ids = self.align.to_cloud(tok), self.align.to_device(tok)
+            cloud_step = CloudStep.of(cl, self.align, dev_device)
+            view = self._view(cloud_step, dev, plan.live)
+            fused = plan.fuse(view, self.align.size)
+            certifier = plan.certify(fused, view, cloud_step.top, cloud, sampling)
+            choice = plan.choose(fused, sampling, gen, self.align.to_device, certifier)
+            cloud_ids, dev_ids = self.align.to_cloud(choice.tokens), self.align.to_device(choice.tokens)
             self.clock.add("fusion", time.perf_counter() - t0)
-            finished = plan.record(dev_ids.tolist(), steered, self._eos_check(cloud_ids.tolist(), dev_ids.tolist(),
-                                   cl, plan), ignore_eos, on_token)
+            is_eos = self._eos_check(cloud_ids.tolist(), dev_ids.tolist(), cloud_step, plan)
+            finished = plan.record(choice, dev_ids.tolist(), fused.steered, is_eos, ignore_eos, on_token)
             keep = (~finished).nonzero().flatten()
             if step == max_new_tokens - 1 or keep.numel() == 0:
                 break
             if keep.numel() < plan.live.numel():  # finished rows leave every stream
-                plan.live, cloud_ids, dev_ids = plan.live[keep], cloud_ids[keep.to(cloud_ids.device)], dev_ids[keep.to(dev_ids.device)]
+                plan.keep(keep)
+                cloud_ids, dev_ids = cloud_ids[keep.to(cloud_ids.device)], dev_ids[keep.to(dev_ids.device)]
                 for s in (cloud, device if use_device else None):
                     if s is not None:
                         s.keep(keep)
@@ -183,15 +181,20 @@ class SteerEngine:
                 device.release()
                 log.debug("device streams stopped at step %d (no live row needs them)", step)
             cl, dev = self.clock.step(cloud, cloud_ids, device if use_device else None, dev_ids, self.overlap)
-        for s in (cloud, device):
+        return self._finish(plan, (cloud, device), t_decode)
+
+    def _finish(self, plan: DecodePlan, streams, t_decode: float, speculation: dict | None = None) -> Generations:
+        """Release the streams, decode the texts and gather the call's statistics."""
+        for s in streams:
             if s is not None:
                 s.release()
         n_tok = len(self.device_tok)
         for g in plan.gens:  # ids past the tokenizer only occur with random benchmark geometries
             g.text = self.device_tok.decode([t for t in g.token_ids if t < n_tok], skip_special_tokens=True)
         self.clock.end_decode(t_decode)
-        self.downlink = plan.downlink.as_dict() if self.partial else None
-        return plan.gens
+        stats = GenerateStats(dict(self.clock.timings), dict(self.clock.calls),
+                              plan.downlink.as_dict() if self.partial else None, speculation)
+        return Generations(plan.gens, stats)
 
     def _prefill(self, requests, plan: DecodePlan, cloud, device, max_new_tokens: int):
         """The cloud gets chat(query) ids only (chat(context + query) only for the non-private upper bound)."""
@@ -213,23 +216,20 @@ class SteerEngine:
         self.clock.timings["prefill_s"] = self.clock.timings.get("cloud", 0.0) + self.clock.timings.get("device", 0.0)
         return cl, dev
 
-    def _view(self, cl: torch.Tensor | None, dev: DeviceScores | None, live: torch.Tensor) -> StepView:
+    def _view(self, cloud: CloudStep, dev: DeviceScores | None, live: torch.Tensor) -> StepView:
         """This step's aligned log-policies, normalised once and shared by every method in the batch."""
-        def norm(t, view):
-            return None if t is None else log_policy(view(t))
-        known = None
-        if isinstance(cl, TopKLogits):  # unknown ids at the bound; already log-probabilities (certify.py)
-            cloud, known = cl.dense(self.align.size, device=next(self.device_model.parameters()).device)
-        else:
-            cloud = norm(cl, self.align.cloud_view)
-        return StepView(cloud, norm(dev.ctx if dev else None, self.align.device_view),
-                        norm(dev.plain if dev else None, self.align.device_view), live, known)
+        def norm(t):
+            return None if t is None else log_policy(self.align.device_view(t))
+        return StepView(cloud.policy, norm(dev.ctx if dev else None), norm(dev.plain if dev else None), live,
+                        cloud.known)
 
-    def _eos_check(self, cloud_ids: list[int], dev_ids: list[int], cl, plan: DecodePlan):
+    def _eos_check(self, cloud_ids: list[int], dev_ids: list[int], cloud: CloudStep, plan: DecodePlan):
+        has_cloud = cloud.policy is not None
+
         def is_eos(p: int, r: int) -> bool:
-            eos = (cl is not None and cloud_ids[p] in self.cloud_eos) or dev_ids[p] in self.device_eos
-            if (self.align.mode == "intersection" and cl is not None and self.cloud_eos
+            eos = (has_cloud and cloud_ids[p] in self.cloud_eos) or dev_ids[p] in self.device_eos
+            if (self.align.mode == "intersection" and has_cloud and self.cloud_eos
                     and plan.methods[r].cloud_prompt):  # official forced stop for mapped vocabularies
-                eos = eos or bool(log_policy(cl[p:p + 1])[0, sorted(self.cloud_eos)].exp().sum() > 0.5)
+                eos = eos or cloud.eos_mass(p, sorted(self.cloud_eos)) > 0.5
             return eos
         return is_eos

@@ -1,8 +1,9 @@
 """One generation's bookkeeping: which rows use which rule and guards, which rows are live, what they wrote.
 
-Kept apart from the decoder so that the decode loop (decoding.py) reads top to bottom: the plan fuses a step
-for all live rows (one rule call per method group), chooses tokens under the guards, records them and says
-which rows finished.
+Kept apart from the decoder so that the decode loop (engine.py) reads top to bottom, one stage per call, each
+returning what the next takes: `fuse` (one rule call per method group) -> `certify` (only for a truncated cloud
+step: make the greedy winners exact, asking the cloud where the top-k is not enough) -> `choose` (tokens under
+the guards, and the rows a guard blocked) -> `record` (append, and say which rows finished) -> `keep`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,27 @@ class Generation:
 
 
 @dataclass
+class Fused:
+    """One step's fused scores `[live, V]`, steered flags `[live]` (CPU) and what the guards fall back to when a
+    rule's own candidates run out (the cloud's log-policy, else the device's with context)."""
+
+    scores: torch.Tensor
+    steered: torch.Tensor
+    fallback: torch.Tensor | None
+    floors: torch.Tensor | None = None      # [live] each rule's cloud floor (-inf: none); truncated steps only
+    uses_cloud: torch.Tensor | None = None  # [live] bool: rows whose scores contain the cloud; truncated only
+
+
+@dataclass
+class Choice:
+    """The chosen fused-vocabulary token per live row, and the live positions a guard blocked (every candidate
+    refused: the row ends with finish='guard', nothing leaks)."""
+
+    tokens: torch.Tensor
+    blocked: set[int] = field(default_factory=set)
+
+
+@dataclass
 class _Group:
     method: Method
     rule: object            # the rule's per-generation instance
@@ -72,7 +94,7 @@ class _Group:
 class DecodePlan:
     """Rows of one `generate()` call, grouped by method; `live` maps live positions to request indices."""
 
-    def __init__(self, requests: list, methods: list[Method], tokenizer, cloud=None):
+    def __init__(self, requests: list, methods: list[Method], tokenizer):
         if len(requests) != len(methods) or not requests:
             raise PocketLMError("generate() needs one method per request and at least one request")
         for r, m in zip(requests, methods, strict=True):
@@ -91,11 +113,7 @@ class DecodePlan:
             self.groups.append(_Group(m, m.rule.start(len(requests)), [g.start(sub, tokenizer) for g in m.guards],
                                       torch.tensor(idx)))
         self.guarded = any(g.guards for g in self.groups)
-        self._fallback: torch.Tensor | None = None
-        self.cloud = cloud                      # a PartialCloud answers for ids a truncated step left out
         self.downlink = DownlinkStats()
-        self.certifier: Certifier | None = None
-        self.blocked: set[int] = set()
         self.uses_cloud = any(m.cloud_prompt for m in methods)
         self.uses_plain = any(m.rule.needs_plain for m in methods)
         self.uses_ctx = any(m.rule.needs_ctx for m in methods)
@@ -113,69 +131,75 @@ class DecodePlan:
                 out.append((g, pos))
         return out
 
-    def fuse(self, view: StepView, vocab: int, top=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores `[live, V]` and steered flags `[live]` from each group's rule on its rows. `top`: the live rows'
-        `TopKLogits` when the cloud step came down truncated (`view.cloud` is then filled with its bounds)."""
+    def fuse(self, view: StepView, vocab: int) -> Fused:
+        """Each group's rule on its rows. When the cloud step came down truncated (`view.known` set) also each
+        row's cloud floor and whether it uses the cloud: what certifying it needs."""
         ref = next(t for t in (view.cloud, view.ctx, view.plain) if t is not None)
-        self._fallback = view.cloud if view.cloud is not None else view.ctx  # what a guard falls back to
-        scores = torch.empty(self.live.numel(), vocab, device=ref.device)
-        steered = torch.zeros(self.live.numel(), dtype=torch.bool)
-        if top is not None:  # what certifying a truncated cloud step needs per row
-            floors = torch.full((self.live.numel(),), float("-inf"), device=ref.device)
-            uses_cloud = torch.zeros(self.live.numel(), dtype=torch.bool)
+        n, truncated = self.live.numel(), view.known is not None
+        out = Fused(torch.empty(n, vocab, device=ref.device), torch.zeros(n, dtype=torch.bool),
+                    view.cloud if view.cloud is not None else view.ctx)
+        if truncated:
+            out.floors = torch.full((n,), float("-inf"), device=ref.device)
+            out.uses_cloud = torch.zeros(n, dtype=torch.bool)
         for g, pos in self._positions():
             sub = view.select(pos.to(ref.device))
-            scores[pos.to(ref.device)], steered[pos] = g.rule.fuse(sub)
-            if top is not None and g.rule.cloud_prompt is not None:
-                uses_cloud[pos] = True
+            out.scores[pos.to(ref.device)], out.steered[pos] = g.rule.fuse(sub)
+            if truncated and g.rule.cloud_prompt is not None:
+                out.uses_cloud[pos] = True
                 floor = g.rule.cloud_floor(sub.cloud)
                 if floor is not None:
-                    floors[pos.to(ref.device)] = floor
-        self.certifier = None
-        if top is not None:
-            lse = top.lse.to(ref.device, torch.float32)
-            self.certifier = Certifier(self.cloud, scores, view.cloud, view.known, top.bound.to(ref.device) - lse,
-                                       lse, floors, uses_cloud, self.downlink, top.ids.shape[1])
-        return scores, steered
+                    out.floors[pos.to(ref.device)] = floor
+        return out
 
-    def choose(self, scores: torch.Tensor, sampling: Sampling, gen, to_device) -> torch.Tensor:
-        """Fused-vocabulary token per live row; guarded rows re-choose while a guard refuses. A row whose every
-        candidate a guard refuses is marked blocked (it finishes with finish='guard': nothing leaks)."""
-        if self.certifier is not None:
-            self.certifier.prepare(sampling)
-            if sampling.temperature == 0:
-                for p in range(scores.shape[0]):
-                    self.certifier.settle(p, scores[p])
-        tok = sampling.choose(scores, gen)
-        self.blocked: set[int] = set()
+    def certify(self, fused: Fused, view: StepView, top, source, sampling: Sampling) -> Certifier | None:
+        """For a truncated cloud step (`top`: the live rows' `TopKLogits`; `source`: the cloud that answers for
+        the ids it left out): make every greedy winner exact, or fetch what sampling needs. Corrects
+        `fused.scores` and the fallback in place; returns the certifier the guards' re-choices settle with."""
+        if top is None:
+            return None
+        lse = top.lse.to(fused.scores.device, torch.float32)
+        cert = Certifier(source, fused.scores, view.cloud, view.known, top.bound.to(fused.scores.device) - lse,
+                         lse, fused.floors, fused.uses_cloud, self.downlink, top.ids.shape[1])
+        cert.prepare(sampling)
+        if sampling.temperature == 0:
+            for p in range(fused.scores.shape[0]):
+                cert.settle(p, fused.scores[p])
+        return cert
+
+    def choose(self, fused: Fused, sampling: Sampling, gen, to_device, certifier: Certifier | None = None) -> Choice:
+        """Fused-vocabulary token per live row; guarded rows re-choose while a guard refuses (a re-choice from a
+        truncated step is certified again through `certifier`)."""
+        tok = sampling.choose(fused.scores, gen)
+        choice = Choice(tok)
         if not self.guarded:
-            return tok
+            return choice
         dev = to_device(tok).tolist()
         for g, pos in self._positions():
             if not g.guards:
                 continue
             for p in pos.tolist():
                 r = int(self.live[p])
-                fallback = self._fallback[p:p + 1] if self._fallback is not None else None
-                chosen = self._guarded_choice(g, r, p, scores[p:p + 1], fallback, tok[p], dev[p], sampling, gen,
-                                              to_device)
+                fallback = fused.fallback[p:p + 1] if fused.fallback is not None else None
+                chosen = self._guarded_choice(g, r, p, fused.scores[p:p + 1], fallback, tok[p], dev[p], sampling, gen,
+                                              to_device, certifier)
                 if chosen is None:
-                    self.blocked.add(p)
+                    choice.blocked.add(p)
                 else:
                     tok[p] = chosen
-        return tok
+        return choice
 
-    def _without(self, p: int, row_scores: torch.Tensor, rejected: list[int]) -> torch.Tensor:
+    @staticmethod
+    def _without(p: int, row_scores: torch.Tensor, rejected: list[int], certifier) -> torch.Tensor:
         """`[1, V]` row scores with the refused tokens removed (and, for a truncated cloud step, the next winner
         certified first: settling corrects `row_scores` in place)."""
-        if self.certifier is not None:
-            self.certifier.settle(p, row_scores[0], rejected)
+        if certifier is not None:
+            certifier.settle(p, row_scores[0], rejected)
         masked = row_scores.clone()
         masked[0, rejected] = float("-inf")
         return masked
 
     def _guarded_choice(self, g: _Group, r: int, p: int, row_scores, fallback, tok, dev_tok, sampling, gen,
-                        to_device):
+                        to_device, certifier):
         """Mask refused tokens and choose again; once the rule's own candidates run out (e.g. the plausibility
         mask leaves one token), continue from the base policy (the cloud's, else the device's)."""
         row_in_group = int((g.rows == r).nonzero()[0])
@@ -186,12 +210,12 @@ class DecodePlan:
                 return tok
             self.gens[r].guard_rejections += 1
             rejected.append(int(tok))
-            masked = self._without(p, row_scores, rejected)
+            masked = self._without(p, row_scores, rejected, certifier)
             if not bool((masked[0] > NEG).any()):
                 if fallback is None or row_scores is fallback:
                     return None
                 row_scores = fallback
-                masked = self._without(p, fallback, rejected)
+                masked = self._without(p, fallback, rejected, certifier)
                 if not bool((masked[0] > NEG).any()):
                     return None
             tok = sampling.choose(masked, gen)[0]
@@ -199,11 +223,13 @@ class DecodePlan:
         return None
 
     # -- bookkeeping ---------------------------------------------------------------------------------
-    def record(self, dev_ids: list[int], steered: torch.Tensor, is_eos, ignore_eos: bool, on_token) -> torch.Tensor:
-        """Append each live row's token (or finish it at EOS); return which live positions finished."""
+    def record(self, choice: Choice, dev_ids: list[int], steered: torch.Tensor, is_eos, ignore_eos: bool,
+               on_token) -> torch.Tensor:
+        """Append each live row's token (or finish it at EOS or a guard's block); return which live positions
+        finished."""
         finished = torch.zeros(self.live.numel(), dtype=torch.bool)
         for p, r in enumerate(self.live.tolist()):
-            if p in self.blocked:
+            if p in choice.blocked:
                 self.gens[r].finish = "guard"
                 finished[p] = True
                 continue
@@ -216,6 +242,10 @@ class DecodePlan:
             if on_token is not None:
                 on_token(r, dev_ids[p])
         return finished
+
+    def keep(self, positions: torch.Tensor) -> None:
+        """Only these live positions go on (finished rows leave)."""
+        self.live = self.live[positions]
 
     def needs_device(self) -> bool:
         """Does any live row's rule still need the device streams?"""

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..downlink.topk import TopKLogits
+from ..downlink.topk import TopKLogits, Truncating
 from .in_process import eos_ids
 from .openai_http import LogprobsCapped, NotCertifiable, OpenAICloudError, Transport
 from .openai_pieces import PieceMap, RowTop, parse_top
@@ -52,7 +52,7 @@ def is_openai(spec: str) -> bool:
     return spec.startswith((SCHEME + "http://", SCHEME + "https://"))
 
 
-class OpenAICloud:
+class OpenAICloud(Truncating):
     """`PartialCloud` over `/v1/completions`. `tokenizer`: the device's (the same model's tokenizer as the
     server's). `logprobs`: K per step (lowered once to the server's cap when it names one). `prompt`:
     auto | ids | text. `api_key`: sent as a bearer token (default: env POCKETLM_OPENAI_KEY). `max_exact`: a row

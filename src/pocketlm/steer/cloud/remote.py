@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect
 
 from ..downlink.certify import NotCertifiable
-from ..downlink.topk import TopKLogits
+from ..downlink.topk import TopKLogits, Truncating
 from . import wire
 from .wire import RemoteCloudError
 
@@ -149,7 +149,7 @@ class RemoteCloud:
         self.close()
 
 
-class RemoteTopK(RemoteCloud):
+class RemoteTopK(Truncating, RemoteCloud):
     """`RemoteCloud` with the certified top-k downlink (a `PartialCloud`): each step brings the k best ids and
     their logits plus a bound, about 8k bytes per row instead of 4V; the engine asks `exact` for the few ids the
     top-k cannot rule out (steer/certify.py), so greedy tokens equal the full-vocabulary ones. Those candidate

@@ -64,10 +64,14 @@ class TopKLogits:
 
 @runtime_checkable
 class PartialCloud(CloudBackend, Protocol):
-    """A cloud backend whose steps return `TopKLogits`. The engine sets `columns` (the fused vocabulary width)
-    before the first generation; `exact` and `full` answer for the *current* step of the live rows."""
+    """A cloud backend whose steps return `TopKLogits` (`truncates` = True). The engine calls `narrow` with the
+    fused vocabulary width once; `exact`, `more` and `full` answer for the *current* step of the live rows."""
 
+    truncates: bool
     columns: int
+
+    def narrow(self, columns: int) -> None:
+        """Bound and certify over the first `columns` ids (the engine's fused vocabulary)."""
 
     def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
         """Exact scores (the units of `TopKLogits.scores`, before `lse`) of `ids[i]` for live row `rows[i]`."""
@@ -81,6 +85,16 @@ class PartialCloud(CloudBackend, Protocol):
         `certify.NotCertifiable`."""
 
 
+class Truncating:
+    """What every `PartialCloud` shares: it says it truncates and takes the engine's fused width."""
+
+    truncates = True
+    columns: int
+
+    def narrow(self, columns: int) -> None:
+        self.columns = columns
+
+
 def truncate(logits: torch.Tensor, k: int, columns: int | None = None) -> TopKLogits:
     """The top-k of `[B, V]` logits over their first `columns` columns, the (k+1)-th value as the bound and the
     row's logsumexp over those columns (what a step server sends for a `topk` downlink)."""
@@ -91,7 +105,7 @@ def truncate(logits: torch.Tensor, k: int, columns: int | None = None) -> TopKLo
     return TopKLogits(ids[:, :k], vals[:, :k], vals[:, k], torch.logsumexp(x, dim=-1))
 
 
-class TruncatedCloud:
+class TruncatedCloud(Truncating):
     """Any dense `CloudBackend` seen through a top-k downlink, in process: the reference for what a step
     server's `topk` format sends, used to test certification and to measure how often it holds."""
 
