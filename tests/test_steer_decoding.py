@@ -118,6 +118,16 @@ class ScriptedCloud:
         self.step_no += 1
         return self._logits()
 
+    def extend(self, token_ids):  # a draft: the scripted rows after each appended position
+        out = []
+        for _ in range(token_ids.shape[1]):
+            self.step_no += 1
+            out.append(self._logits())
+        return out
+
+    def rewind(self, drop):
+        self.step_no -= int(drop.max())  # rows share one script position; tests rewind rows alike
+
     def keep(self, rows):
         self.live = [self.live[i] for i in rows.tolist()]
 

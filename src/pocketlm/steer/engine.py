@@ -33,6 +33,7 @@ from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
 from .fusion.rules import StepView
 from .overlap import Overlap
 from .plan import DecodePlan, Generation, Sampling
+from .speculative import MAX_SPECULATE, Speculation, SpeculativeRound, acceptance, draft_lengths
 from .stats import GenerateStats, Generations
 from .streams.device import DevicePrompt, DeviceScores, DeviceStreams
 from .streams.kvmode import KV_MODES
@@ -85,13 +86,14 @@ class SteerEngine:
     def __init__(self, cloud: CloudBackend | None, cloud_tok, device_model, device_tok, *, vocab: str = "shared",
                  system: str | None = DEFAULT_SYSTEM, fuse_device_streams: bool = True,
                  slice_to_tokenizer: bool = True, overlap: bool = False, kv: str = "auto",
-                 sync_timings: bool = False):
+                 sync_timings: bool = False, speculate: Speculation | int = 0):
         self.cloud, self.cloud_tok = cloud, cloud_tok
         self.device_model, self.device_tok = device_model, device_tok
         self.system = system
         self.fuse_device_streams = fuse_device_streams
         self.overlap = overlap
         self.kv = kv
+        self.speculation = speculate if isinstance(speculate, Speculation) else Speculation(speculate)
         self.clock = Overlap(device_model, sync_timings)
         self._device_streams: dict[tuple[bool, str], DeviceStreams] = {}
         dev_rows = device_model.get_output_embeddings().weight.shape[0]
@@ -122,10 +124,12 @@ class SteerEngine:
 
     def settings(self) -> dict:
         """The settings a benchmark may change, to be restored with `restore()`."""
-        return {"fuse_device_streams": self.fuse_device_streams, "overlap": self.overlap, "kv": self.kv}
+        return {"fuse_device_streams": self.fuse_device_streams, "overlap": self.overlap, "kv": self.kv,
+                "speculation": self.speculation}
 
     def restore(self, settings: dict) -> None:
-        self.fuse_device_streams, self.overlap, self.kv = (settings[k] for k in ("fuse_device_streams", "overlap", "kv"))
+        for key in ("fuse_device_streams", "overlap", "kv", "speculation"):
+            setattr(self, key, settings[key])
 
     def close(self) -> None:
         """Stop the overlap worker thread (if one was started)."""
@@ -146,12 +150,15 @@ class SteerEngine:
         sampling = sampling or Sampling()
         if max_new_tokens < 1:
             raise PocketLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        plan = DecodePlan(requests, methods, self.device_tok)
+        drafts = draft_lengths(methods, self.speculation, sampling) if self.cloud is not None else [0] * len(methods)
+        plan = DecodePlan(requests, methods, self.device_tok, drafting=any(drafts))
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")
         dev_device = next(self.device_model.parameters()).device
         gen = torch.Generator(device=dev_device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         self.clock.reset()
+        if any(drafts):
+            return self._speculative(requests, plan, sampling, gen, drafts, max_new_tokens, on_token, ignore_eos)
         cloud, device = self.cloud if plan.uses_cloud else None, self._device_streams_for_run()
         use_device = plan.uses_plain or plan.uses_ctx
         cl, dev = self._prefill(requests, plan, cloud, device if use_device else None, max_new_tokens)
@@ -182,6 +189,28 @@ class SteerEngine:
                 log.debug("device streams stopped at step %d (no live row needs them)", step)
             cl, dev = self.clock.step(cloud, cloud_ids, device if use_device else None, dev_ids, self.overlap)
         return self._finish(plan, (cloud, device), t_decode)
+
+    def _speculative(self, requests, plan: DecodePlan, sampling, gen, drafts, max_new_tokens: int, on_token,
+                     ignore_eos: bool) -> Generations:
+        """Rounds of draft -> verify -> accept (speculative.py); the first token comes from the prefill's scores."""
+        cloud, device = self.cloud, self._device_streams_for_run()
+        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + MAX_SPECULATE)
+        rnd = SpeculativeRound(self, plan, self.speculation, sampling, gen, drafts, on_token, ignore_eos,
+                               max_new_tokens)
+        t_decode = self.clock.start_decode()
+        z, finished = rnd.round(None, cloud, device, prefilled=(cl, dev))
+        while True:
+            full = torch.tensor([len(plan.gens[r].token_ids) >= max_new_tokens for r in plan.live.tolist()])
+            keep = (~(finished | full)).nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            if keep.numel() < plan.live.numel():  # finished rows leave every stream
+                plan.keep(keep)
+                cloud.keep(keep)
+                device.keep(keep)
+                z = z[keep]
+            z, finished = rnd.round(z, cloud, device)
+        return self._finish(plan, (cloud, device), t_decode, speculation=acceptance(rnd.stats))
 
     def _finish(self, plan: DecodePlan, streams, t_decode: float, speculation: dict | None = None) -> Generations:
         """Release the streams, decode the texts and gather the call's statistics."""

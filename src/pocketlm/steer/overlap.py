@@ -59,23 +59,25 @@ class Overlap:
         self.timings["decode_s"] = time.perf_counter() - t0
 
     # -- one decode step -----------------------------------------------------------------------------
-    def step(self, cloud, cloud_ids: torch.Tensor, device, dev_ids: torch.Tensor, overlap: bool):
-        """Step the cloud and/or the device streams (either may be None); returns (cloud logits, device scores)."""
+    def step(self, cloud, cloud_ids: torch.Tensor, device, dev_ids: torch.Tensor, overlap: bool,
+             cloud_op: str = "step"):
+        """Step the cloud and/or the device streams (either may be None); returns (cloud logits, device scores).
+        `cloud_op="extend"`: the cloud verifies a speculative draft (`cloud_ids` `[B, T]`) meanwhile."""
         if cloud is not None and device is not None and overlap:
-            return self._step_both(cloud, cloud_ids, device, dev_ids)
-        cl = self.timed("cloud", cloud.step, cloud_ids) if cloud is not None else None
+            return self._step_both(cloud, cloud_ids, device, dev_ids, cloud_op)
+        cl = self.timed("cloud", getattr(cloud, cloud_op), cloud_ids) if cloud is not None else None
         dev = self.timed("device", device.step, dev_ids) if device is not None else None
         return cl, dev
 
-    def _cloud_in_worker(self, cloud, ids: torch.Tensor):
+    def _cloud_in_worker(self, op, ids: torch.Tensor):
         # inference mode is thread-local: the worker enters it itself; the timing is recorded by the caller
         with torch.inference_mode():
             if self._side_stream is None:
-                return self.measure(cloud.step, ids)
+                return self.measure(op, ids)
             with torch.cuda.stream(self._side_stream):
-                return self.measure(cloud.step, ids)
+                return self.measure(op, ids)
 
-    def _step_both(self, cloud, cloud_ids, device, dev_ids):
+    def _step_both(self, cloud, cloud_ids, device, dev_ids, cloud_op: str = "step"):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
         main = None
@@ -85,14 +87,16 @@ class Overlap:
             main = torch.cuda.current_stream(cloud_ids.device)
             self._side_stream.wait_stream(main)
             cloud_ids.record_stream(self._side_stream)
-        fut = self._pool.submit(self._cloud_in_worker, cloud, cloud_ids)
+        fut = self._pool.submit(self._cloud_in_worker, getattr(cloud, cloud_op), cloud_ids)
         try:
             dev = self.timed("device", device.step, dev_ids)
         finally:
             cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
         if main is not None:  # the logits were made on the side stream: order and keep them for this one
             main.wait_stream(self._side_stream)
-            cl.record_stream(main)
+            for t in cl if isinstance(cl, list) else [cl]:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(main)
         self.add("cloud", secs, count=True)
         return cl, dev
 

@@ -39,9 +39,9 @@ class Sampling:
         if self.downlink not in SAMPLING_MODES:
             raise PocketLMError(f"downlink sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.downlink!r}")
 
-    def choose(self, scores: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-        if self.temperature == 0:
-            return scores.argmax(dim=-1)
+    def probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """The distribution a sampled token is drawn from: softmax(scores / temperature), cut to the top-p
+        nucleus (what speculative sampling accepts against)."""
         logits = scores / self.temperature
         if self.top_p < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -49,7 +49,12 @@ class Sampling:
             drop = probs.cumsum(-1) - probs > self.top_p  # keeps the first token always
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+        return logits.softmax(dim=-1)
+
+    def choose(self, scores: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        if self.temperature == 0:
+            return scores.argmax(dim=-1)
+        return torch.multinomial(self.probs(scores), 1, generator=gen).squeeze(-1)
 
 
 @dataclass
@@ -60,6 +65,9 @@ class Generation:
     finish: str = "length"      # "length" | "eos" | "guard" (every candidate refused by a guard)
     steered_tokens: int = 0
     guard_rejections: int = 0   # candidate tokens a guard refused
+    drafted_tokens: int = 0     # speculative draft tokens sent to the cloud (accepted or not)
+    rejected: list = field(default_factory=list)  # (start, device ids): each rejected draft suffix, sent after
+    #                                               token_ids[:start] — what reached the cloud besides the output
 
 
 @dataclass
@@ -94,7 +102,7 @@ class _Group:
 class DecodePlan:
     """Rows of one `generate()` call, grouped by method; `live` maps live positions to request indices."""
 
-    def __init__(self, requests: list, methods: list[Method], tokenizer):
+    def __init__(self, requests: list, methods: list[Method], tokenizer, drafting: bool = False):
         if len(requests) != len(methods) or not requests:
             raise PocketLMError("generate() needs one method per request and at least one request")
         for r, m in zip(requests, methods, strict=True):
@@ -115,14 +123,16 @@ class DecodePlan:
         self.guarded = any(g.guards for g in self.groups)
         self.downlink = DownlinkStats()
         self.uses_cloud = any(m.cloud_prompt for m in methods)
-        self.uses_plain = any(m.rule.needs_plain for m in methods)
+        self.uses_plain = drafting or any(m.rule.needs_plain for m in methods)  # a draft stands in with it
         self.uses_ctx = any(m.rule.needs_ctx for m in methods)
 
     # -- one step ------------------------------------------------------------------------------------
-    def _positions(self) -> list[tuple[_Group, torch.Tensor]]:
-        """(group, live positions of its rows) for every group with live rows."""
+    def _positions(self, live: torch.Tensor | None = None) -> list[tuple[_Group, torch.Tensor]]:
+        """(group, positions of its rows in `live`) for every group with rows there (default: the live rows;
+        a speculative round passes the rows still verifying at one draft position)."""
+        live = self.live if live is None else live
         pos_of = torch.full((len(self.gens),), -1, dtype=torch.long)
-        pos_of[self.live] = torch.arange(self.live.numel())
+        pos_of[live] = torch.arange(live.numel())
         out = []
         for g in self.groups:
             pos = pos_of[g.rows]
@@ -131,18 +141,22 @@ class DecodePlan:
                 out.append((g, pos))
         return out
 
-    def fuse(self, view: StepView, vocab: int) -> Fused:
-        """Each group's rule on its rows. When the cloud step came down truncated (`view.known` set) also each
-        row's cloud floor and whether it uses the cloud: what certifying it needs."""
+    def fuse(self, view: StepView, vocab: int, draft: bool = False) -> Fused:
+        """Each group's rule on the view's rows (`view.rows`: request indices). When the cloud step came down
+        truncated (`view.known` set) also each row's cloud floor and whether it uses the cloud: what certifying
+        it needs. `draft`: the rules' device-only stand-ins instead (`FusionRule.draft`; no cloud, no state)."""
         ref = next(t for t in (view.cloud, view.ctx, view.plain) if t is not None)
-        n, truncated = self.live.numel(), view.known is not None
+        n, truncated = view.rows.numel(), view.known is not None
         out = Fused(torch.empty(n, vocab, device=ref.device), torch.zeros(n, dtype=torch.bool),
                     view.cloud if view.cloud is not None else view.ctx)
         if truncated:
             out.floors = torch.full((n,), float("-inf"), device=ref.device)
             out.uses_cloud = torch.zeros(n, dtype=torch.bool)
-        for g, pos in self._positions():
+        for g, pos in self._positions(view.rows):
             sub = view.select(pos.to(ref.device))
+            if draft:
+                out.scores[pos.to(ref.device)] = g.rule.draft(sub)
+                continue
             out.scores[pos.to(ref.device)], out.steered[pos] = g.rule.fuse(sub)
             if truncated and g.rule.cloud_prompt is not None:
                 out.uses_cloud[pos] = True
@@ -166,22 +180,26 @@ class DecodePlan:
                 cert.settle(p, fused.scores[p])
         return cert
 
-    def choose(self, fused: Fused, sampling: Sampling, gen, to_device, certifier: Certifier | None = None) -> Choice:
-        """Fused-vocabulary token per live row; guarded rows re-choose while a guard refuses (a re-choice from a
-        truncated step is certified again through `certifier`)."""
+    def choose(self, fused: Fused, sampling: Sampling, gen, to_device, certifier: Certifier | None = None,
+               live: torch.Tensor | None = None, drafted: list[list[int]] | None = None) -> Choice:
+        """Fused-vocabulary token per row of `live` (default: the live rows); guarded rows re-choose while a
+        guard refuses (a re-choice from a truncated step is certified again through `certifier`). `drafted[p]`:
+        tokens a speculative draft put after row p's recorded ones (the guards judge them as written)."""
+        live = self.live if live is None else live
         tok = sampling.choose(fused.scores, gen)
         choice = Choice(tok)
         if not self.guarded:
             return choice
         dev = to_device(tok).tolist()
-        for g, pos in self._positions():
+        for g, pos in self._positions(live):
             if not g.guards:
                 continue
             for p in pos.tolist():
-                r = int(self.live[p])
+                r = int(live[p])
                 fallback = fused.fallback[p:p + 1] if fused.fallback is not None else None
+                history = self.gens[r].token_ids + (drafted[p] if drafted else [])
                 chosen = self._guarded_choice(g, r, p, fused.scores[p:p + 1], fallback, tok[p], dev[p], sampling, gen,
-                                              to_device, certifier)
+                                              to_device, certifier, history)
                 if chosen is None:
                     choice.blocked.add(p)
                 else:
@@ -199,11 +217,10 @@ class DecodePlan:
         return masked
 
     def _guarded_choice(self, g: _Group, r: int, p: int, row_scores, fallback, tok, dev_tok, sampling, gen,
-                        to_device, certifier):
+                        to_device, certifier, history):
         """Mask refused tokens and choose again; once the rule's own candidates run out (e.g. the plausibility
         mask leaves one token), continue from the base policy (the cloud's, else the device's)."""
         row_in_group = int((g.rows == r).nonzero()[0])
-        history = self.gens[r].token_ids
         rejected: list[int] = []
         for _ in range(MAX_GUARD_REJECTIONS):
             if all(guard.allows(row_in_group, history, dev_tok) for guard in g.guards):
@@ -224,11 +241,11 @@ class DecodePlan:
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def record(self, choice: Choice, dev_ids: list[int], steered: torch.Tensor, is_eos, ignore_eos: bool,
-               on_token) -> torch.Tensor:
-        """Append each live row's token (or finish it at EOS or a guard's block); return which live positions
-        finished."""
-        finished = torch.zeros(self.live.numel(), dtype=torch.bool)
-        for p, r in enumerate(self.live.tolist()):
+               on_token, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Append each row's token (or finish it at EOS or a guard's block); return which positions finished."""
+        live = self.live if live is None else live
+        finished = torch.zeros(live.numel(), dtype=torch.bool)
+        for p, r in enumerate(live.tolist()):
             if p in choice.blocked:
                 self.gens[r].finish = "guard"
                 finished[p] = True

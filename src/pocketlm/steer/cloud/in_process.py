@@ -74,6 +74,12 @@ class HFCloudBackend:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._active.step(token_ids)
 
+    def extend(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        return self._active.extend(token_ids)
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        self._active.rewind(drop)
+
     def keep(self, rows: torch.Tensor) -> None:
         self._active.keep(rows)
 

@@ -47,6 +47,10 @@ class TopKLogits:
     def select(self, rows: torch.Tensor) -> TopKLogits:
         return TopKLogits(self.ids[rows], self.scores[rows], self.bound[rows], self.lse[rows])
 
+    def __getitem__(self, rows: torch.Tensor) -> TopKLogits:
+        """Rows by index, like a dense `[B, V]` score tensor (the speculative verify selects rows this way)."""
+        return self.select(rows.to(self.ids.device))
+
     def dense(self, columns: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-policy `[B, columns]` with every unknown id at the bound, known-mask `[B, columns]`).
 
@@ -86,13 +90,35 @@ class PartialCloud(CloudBackend, Protocol):
 
 
 class Truncating:
-    """What every `PartialCloud` shares: it says it truncates and takes the engine's fused width."""
+    """What every `PartialCloud` shares: it says it truncates, takes the engine's fused width, and answers for one
+    position of its last verify (`at`). Its `exact` / `more` / `full` take `position=None` (the current step)
+    or the index of a verified position."""
 
     truncates = True
     columns: int
 
     def narrow(self, columns: int) -> None:
         self.columns = columns
+
+    def at(self, position: int, rows: torch.Tensor) -> PositionSource:
+        return PositionSource(self, position, rows.tolist())
+
+
+class PositionSource:
+    """The certification source for one verified position and a subset of live rows: row p of the certifier
+    is live row `rows[p]` of the cloud, asked about `position` of the last verify."""
+
+    def __init__(self, cloud, position: int, rows: list[int]):
+        self.cloud, self.position, self.rows = cloud, position, rows
+
+    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+        return self.cloud.exact([self.rows[r] for r in rows], ids, position=self.position)
+
+    def more(self, rows: list[int], depth: int) -> TopKLogits:
+        return self.cloud.more([self.rows[r] for r in rows], depth, position=self.position)
+
+    def full(self, rows: list[int]) -> torch.Tensor:
+        return self.cloud.full([self.rows[r] for r in rows], position=self.position)
 
 
 def truncate(logits: torch.Tensor, k: int, columns: int | None = None) -> TopKLogits:
@@ -113,6 +139,7 @@ class TruncatedCloud(Truncating):
         self.inner, self.k = inner, k
         self.columns = inner.vocab_rows
         self._last: torch.Tensor | None = None
+        self._verified: torch.Tensor | None = None
 
     @property
     def vocab_rows(self) -> int:
@@ -141,19 +168,32 @@ class TruncatedCloud(Truncating):
     def step(self, token_ids: torch.Tensor) -> TopKLogits:
         return self._cut(self.inner.step(token_ids))
 
+    def extend(self, token_ids: torch.Tensor) -> list[TopKLogits]:
+        rows = [x[:, : self.columns].float() for x in self.inner.extend(token_ids)]
+        self._verified = torch.stack(rows, dim=1)  # [B, T, columns]: what `position=` asks read
+        return [truncate(x, self.k) for x in rows]
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        self.inner.rewind(drop)
+
     def keep(self, rows: torch.Tensor) -> None:
         self.inner.keep(rows)
         self._last = self._last[rows.to(self._last.device)]
 
     def release(self) -> None:
         self.inner.release()
-        self._last = None
+        self._last = self._verified = None
 
-    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
-        return [self._last[r, torch.tensor(i, dtype=torch.long, device=self._last.device)] for r, i in zip(rows, ids, strict=True)]
+    def _rows(self, position: int | None) -> torch.Tensor:
+        return self._last if position is None else self._verified[:, position]
 
-    def more(self, rows: list[int], depth: int) -> TopKLogits:
-        return truncate(self.full(rows), depth)
+    def exact(self, rows: list[int], ids: list[list[int]], position: int | None = None) -> list[torch.Tensor]:
+        src = self._rows(position)
+        return [src[r, torch.tensor(i, dtype=torch.long, device=src.device)] for r, i in zip(rows, ids, strict=True)]
 
-    def full(self, rows: list[int]) -> torch.Tensor:
-        return self._last[torch.tensor(rows, dtype=torch.long, device=self._last.device)]
+    def more(self, rows: list[int], depth: int, position: int | None = None) -> TopKLogits:
+        return truncate(self.full(rows, position), depth)
+
+    def full(self, rows: list[int], position: int | None = None) -> torch.Tensor:
+        src = self._rows(position)
+        return src[torch.tensor(rows, dtype=torch.long, device=src.device)]

@@ -10,7 +10,17 @@ from dataclasses import dataclass, replace
 from ...errors import PocketLMError
 from ...moe.row_adapters import BASE, PERSONAL, SHARED
 from .formulas import DEFAULT_T, kappa_from_hparams
-from .rules import Adaptive, ClosedForm, CloudOnly, DeviceOnly, FTRLLoop, FusionRule, Gated, Plausible
+from .rules import (
+    Adaptive,
+    ClosedForm,
+    CloudOnly,
+    DeviceOnly,
+    FTRLLoop,
+    FusionRule,
+    Gated,
+    Plausible,
+    SpecSteer,
+)
 
 # delta = informed - reference, on the device:
 #   context: log p_dev(.|context, x) - log p_dev(.|x)             (CoSteer; the device model as it is)
@@ -76,6 +86,9 @@ _BASE = {
                        "per-token kappa scaled by JS(device+ctx || device) / its running mean"),
     "ada_costeer": Method("ada_costeer", Gated(KAPPA_COSTEER),
                           "AdaCoSteer gate: steering off once the cloud is confident 3 tokens in a row"),
+    "specsteer": Method("specsteer", SpecSteer(1.0),
+                        "SpecSteer: device drafts 4 with context, cloud accepts p_cloud >= 0.1 p_dev(.|x), else "
+                        "argmax(b + beta*delta); specsteer@BETA or @BETA:GAMMA (approximate, not CoSteer's output)"),
 }
 METHODS = tuple(_BASE)
 
@@ -86,6 +99,12 @@ def get_method(name: str, kappa: float | None = None) -> Method:
     if base not in _BASE:
         raise PocketLMError(f"unknown steering method {base!r}; choose from {', '.join(METHODS)}")
     m = _BASE[base]
+    if at and base == "specsteer" and ":" in k:  # specsteer@BETA:GAMMA
+        k, _, gamma = k.partition(":")
+        try:
+            m = replace(m, rule=replace(m.rule, gamma=float(gamma)))
+        except (ValueError, PocketLMError) as e:
+            raise PocketLMError(f"bad gamma in method {name!r}: {e}") from None
     if at:
         try:
             kappa = float(k)
@@ -97,7 +116,10 @@ def get_method(name: str, kappa: float | None = None) -> Method:
         rule = m.rule.with_kappa(kappa)
     except PocketLMError as e:
         raise PocketLMError(f"method {base!r}: {e}") from None
-    return replace(m, name=f"{base}@{kappa:g}" if at else m.name, rule=rule)
+    name = f"{base}@{kappa:g}" if at else m.name
+    if at and base == "specsteer" and rule.gamma != _BASE[base].rule.gamma:
+        name += f":{rule.gamma:g}"
+    return replace(m, name=name, rule=rule)
 
 
 def parse_methods(spec: str, kappas: str | None = None) -> list[Method]:

@@ -88,6 +88,13 @@ class FusionRule:
         """(scores `[n, V]` to choose from, which rows were steered `[n]` bool on the CPU)."""
         raise NotImplementedError
 
+    def draft(self, view: StepView) -> torch.Tensor:
+        """A stand-in for `fuse` that the device computes alone (a speculative draft, `view.cloud` None): the
+        cloud's log-policy replaced by the device's own plain one. Reads per-row state, never advances it, and
+        only has to be close to `fuse`: the verify decides with the true scores."""
+        kappa = self.kappa_value()
+        return F.closed_form_bd(view.plain, view.delta, kappa) if kappa is not None else view.plain
+
     def cloud_floor(self, cloud: torch.Tensor) -> torch.Tensor | None:
         """`[n]`: the cloud log-probability below which this rule drops a token whatever the device says (None:
         no such mask). Certifying a truncated cloud step (certify.py) re-applies it to ids fetched exactly."""
@@ -124,6 +131,9 @@ class CloudOnly(FusionRule):
     def fuse(self, view):
         return view.cloud, self._all(view, False)
 
+    def draft(self, view):
+        return view.ctx if self.prompt == "context" and view.ctx is not None else view.plain
+
 
 @dataclass(frozen=True)
 class DeviceOnly(FusionRule):
@@ -136,6 +146,9 @@ class DeviceOnly(FusionRule):
 
     def fuse(self, view):
         return view.ctx, self._all(view, False)
+
+    def draft(self, view):
+        return view.ctx
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,9 @@ class Plausible(ClosedForm):
     def fuse(self, view):
         return F.plausible_bd(view.cloud, view.delta, self.kappa, self.a), self._all(view, True)
 
+    def draft(self, view):
+        return F.plausible_bd(view.plain, view.delta, self.kappa, self.a)
+
 
 @dataclass(frozen=True)
 class Adaptive(ClosedForm):
@@ -241,9 +257,40 @@ class Gated(ClosedForm):
     def needs_device(self, rows):
         return self.state.active[rows.cpu()].clone()
 
+    def draft(self, view):
+        on = self.state.active[view.rows.cpu()].to(view.plain.device)
+        return torch.where(on.unsqueeze(-1), F.closed_form_bd(view.plain, view.delta, self.kappa), view.plain)
+
     def fuse(self, view):
         on = self.state.update(view.cloud, view.rows, normalised=True)
         out = view.cloud.clone()
         if bool(on.any()):
             out[on] = F.closed_form_bd(view.cloud[on], view.delta[on], self.kappa)
         return out, on.cpu()
+
+
+@dataclass(frozen=True)
+class SpecSteer(ClosedForm):
+    """SpecSteer as its authors run it (arXiv 2603.16219): the device drafts with the context (greedy on
+    p_dev(.|c,x)); the cloud accepts draft token d while p_cloud(d) >= gamma * p_dev(d|x); at the first rejection
+    (and after a fully accepted draft) it emits argmax(log p_cloud + beta * delta), the closed form at
+    kappa = beta. Its output is not CoSteer's: the ratio test is the approximation exact speculation avoids."""
+
+    gamma: float = 0.1
+    draft_length: int = 4
+    kind: ClassVar[str] = "specsteer"
+
+    def validate(self) -> None:
+        super().validate()
+        _check(0 < self.gamma <= 1 and math.isfinite(self.gamma), f"specsteer gamma must be in (0, 1], got {self.gamma}")
+        _check(isinstance(self.draft_length, int) and self.draft_length >= 1,
+               f"specsteer draft length must be >= 1, got {self.draft_length}")
+
+    def draft(self, view):
+        return view.ctx
+
+    def accepts(self, view: StepView, tokens: torch.Tensor) -> torch.Tensor:
+        """`[n]` bool: the ratio test p_cloud(d) / p_dev(d|x) >= gamma for draft tokens `tokens` `[n]`."""
+        t = tokens.view(-1, 1).to(view.cloud.device)
+        ratio = view.cloud.gather(-1, t) - view.plain.gather(-1, t)
+        return (ratio.view(-1) >= math.log(self.gamma)).cpu()

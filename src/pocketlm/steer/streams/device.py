@@ -87,6 +87,21 @@ class DeviceStreams:
             return self._split(self.a.step(torch.cat([token_ids, token_ids]) if both else token_ids))
         return DeviceScores(self.a.step(token_ids), self.b.step(token_ids))
 
+    def extend(self, token_ids: torch.Tensor) -> list[DeviceScores]:
+        """`T` tokens per row (`[B, T]`) into both streams at once; one `DeviceScores` per appended position."""
+        if self.a is self.b:
+            both = self.has_plain and self.has_ctx
+            return [self._split(x) for x in self.a.extend(torch.cat([token_ids, token_ids]) if both else token_ids)]
+        return [DeviceScores(p, c) for p, c in zip(self.a.extend(token_ids), self.b.extend(token_ids), strict=True)]
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        if self.a is self.b:
+            both = self.has_plain and self.has_ctx
+            self.a.rewind(torch.cat([drop, drop]) if both else drop)
+        else:
+            self.a.rewind(drop)
+            self.b.rewind(drop)
+
     def keep(self, rows: torch.Tensor) -> None:
         if self.a is self.b:
             both = self.has_plain and self.has_ctx

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from ...moe.row_adapters import adapter_rows
-from .prefill import adapter_flags, check_prompts, forward_step, join_left_padded, prefill_one
+from .prefill import adapter_flags, check_prompts, forward_step, forward_tokens, join_left_padded, prefill_one
 
 
 class LMStream:
@@ -75,6 +75,27 @@ class LMStream:
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         self.pos = self.pos + 1
         return self._forward(ids, self.pos.view(-1, 1))
+
+    @torch.inference_mode()
+    def extend(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Append `T` tokens per row (`[B, T]`, one forward); the next-token logits after each, `T` x `[B, V]`."""
+        ids = token_ids.to(self.device)
+        t = ids.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        positions = self.pos.view(-1, 1) + torch.arange(1, t + 1, device=self.device)
+        self.pos = self.pos + t
+        with adapter_rows(self.model, self.adapters):
+            logits, self.cache = forward_tokens(self.model, ids, self.mask, positions, self.cache)
+        self.forwards += 1
+        return list(logits.unbind(1))
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        """Forget the last `drop[i]` tokens of row i (`[B]`): they stay in the cache, masked out for good, and
+        the row's next token takes the position after what it kept."""
+        drop = drop.to(self.device)
+        cols = torch.arange(self.mask.shape[1], device=self.device)
+        self.mask = self.mask.masked_fill(cols.unsqueeze(0) >= self.mask.shape[1] - drop.unsqueeze(1), 0)
+        self.pos = self.pos - drop
 
     def reserve(self, new_tokens: int) -> None:
         """Sizing hint before prefill; a dynamic cache grows as it goes, so nothing to do."""

@@ -43,6 +43,12 @@ def forward_step(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
     return out.logits[:, -1, :].float(), output_cache(out)
 
 
+def forward_tokens(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
+    """A cached forward of `T` tokens per row; returns (logits `[B, T, V]` fp32 after each, the updated cache)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
+    return out.logits.float(), output_cache(out)
+
+
 def prefill_one(model, prompt: list[int], device) -> tuple[DynamicCache, torch.Tensor]:
     """One prompt through the model's own forward: its cache and last-position logits `[1, V]` (fp32)."""
     ids = torch.tensor([prompt], dtype=torch.long, device=device)

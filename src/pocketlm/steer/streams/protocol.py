@@ -2,8 +2,9 @@
 
 Every source of next-token scores the decoder drives — the in-process cloud backend, the dynamic- and the
 static-cache streams, the device's stream pair, and a cloud behind a network — is a `Stream`: rows decoded in
-lockstep, prefilled once, stepped with one chosen token per live row, trimmed when rows finish. The decoder
-only ever calls these five methods, so a new kind of cloud is one more implementation, never a new branch in
+lockstep, prefilled once, stepped with one chosen token per live row (or extended by a speculative draft and
+rewound past its rejected part), trimmed when rows finish. The decoder only ever calls these methods, so
+a new kind of cloud is one more implementation, never a new branch in
 the decode loop.
 
 A `CloudBackend` is a stream that also says what its vocabulary and end tokens are and which KV-cache modes it
@@ -35,6 +36,13 @@ class Stream(Protocol[PromptT, ScoresT]):
 
     def step(self, token_ids: torch.Tensor) -> ScoresT:
         """Append one chosen token id per live row (`[B]`); return the next scores."""
+
+    def extend(self, token_ids: torch.Tensor) -> list[ScoresT]:
+        """Append `T` tokens per live row (`[B, T]`, one call: a speculative draft to verify); return the scores
+        after each appended position (`T` answers, each what `step` returns)."""
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        """Forget the last `drop[i]` appended tokens of live row i (`[B]`, the rejected part of a draft)."""
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep (and reorder) only these live rows; finished rows are dropped."""

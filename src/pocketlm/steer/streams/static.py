@@ -28,7 +28,7 @@ import torch
 
 from ...errors import PocketLMError
 from ...moe.row_adapters import PERSONAL, adapter_rows
-from .llama_step import decode, static_unsupported, store_prefill
+from .llama_step import causal_bias, decode, static_unsupported, store_prefill
 from .prefill import adapter_flags, check_prompts, prefill_one
 
 __all__ = ["StaticLMStream", "static_unsupported"]
@@ -252,6 +252,40 @@ class StaticLMStream:
         self.length += 1
         self.forwards += 1
         return logits
+
+    @torch.inference_mode()
+    def extend(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Append `T` tokens per row (`[n, T]`) in one eager forward (a speculative draft being scored); the
+        next-token logits after each, `T` x `[n, V]`. Rows write slots [length, length + T) side by side."""
+        n, t = self.n, token_ids.shape[1]
+        while self.length + t > self.capacity:
+            self._grow()
+        lo, span = self.length, self.length + t
+        ids = token_ids.to(self.device).view(n, t)
+        positions = self.pos[:n].view(n, 1) + torch.arange(1, t + 1, device=self.device)
+        self.valid[:n, lo:span] = True
+        bias = causal_bias(self.valid[:n, :span], torch.full((n,), lo, device=self.device), t)
+
+        def write(i, k, v):
+            self.k[i][:n, :, lo:span] = k
+            self.v[i][:n, :, lo:span] = v
+            return self.k[i][:n, :, :span], self.v[i][:n, :, :span]
+
+        with adapter_rows(self.model, self.adapters[:n] if self.use_adapters else None):
+            logits = decode(self.model, ids, positions, bias, write, self.kv_heads)
+        self.pos[:n] += t
+        self.length = span
+        self.forwards += 1
+        return list(logits.unbind(1))
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        """Forget the last `drop[i]` tokens of row i: their slots become invalid (the shapes stay fixed, so
+        captured graphs stay valid) and the row's next token takes the position after what it kept."""
+        drop = drop.to(self.device)
+        cols = torch.arange(self.capacity, device=self.device).unsqueeze(0)
+        kill = (cols >= self.length - drop.unsqueeze(1)) & (cols < self.length)
+        self.valid[: self.n] &= ~kill
+        self.pos[: self.n] -= drop
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep (and reorder) the given live rows."""

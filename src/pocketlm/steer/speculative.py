@@ -1,0 +1,292 @@
+"""Speculative steering: the device drafts up to K tokens alone, the cloud scores them all in one call, and the
+device keeps exactly what steered decoding would have written.
+
+Why it is exact (greedy). A round starts with the last chosen token z, which no stream has consumed. The device
+steps z and drafts y_1..y_L from a stand-in for the fused scores that needs no cloud (`FusionRule.draft`: the
+cloud's log-policy replaced by the device's plain one), every draft token passing the guards as if it were
+written. The cloud appends [z, y_1..y_L] and returns scores after each (`extend`: one round trip). Then, position
+by position, the *true* fused scores are computed from the cloud's and the device's real scores with every guard
+and certification, exactly as the sequential loop would at that position: the choice t_j is recorded; if it
+equals y_{j+1} the next position is checked, otherwise t_j becomes the next round's z. Every recorded token is
+therefore the sequential choice given the same history, and rules with per-row state (adaptive kappa, the
+AdaCoSteer gate) are fused at exactly the sequential positions, so their state advances as it would. The
+rejected suffix is rewound from both caches.
+
+Sampling: the standard speculative sampling rule (accept y with min(1, p(y)/q(y)), else draw from the
+normalised residual max(0, p - q)) keeps the output distribution equal to sequential steering. A guarded row's
+distribution is a rejection chain, not a closed form, so sampled rows with guards draft nothing (they decode
+one token per round, exactly as before).
+
+SpecSteer (`rules.SpecSteer`) runs in the same loop with its own acceptance: its ratio test instead of equality.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PocketLMError
+from .cloud_step import CloudStep
+from .plan import Choice, DecodePlan
+from .streams.device import DeviceScores
+
+log = logging.getLogger(__name__)
+
+DRAFTS = ("fused", "ctx")
+MAX_SPECULATE = 32
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """`k`: draft tokens per round (0: off); `draft`: the draft policy — `fused` (each rule's device-only
+    stand-in, `FusionRule.draft`) or `ctx` (the device with the context, as SpecSteer drafts)."""
+
+    k: int = 0
+    draft: str = "fused"
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or not 0 <= self.k <= MAX_SPECULATE:
+            raise PocketLMError(f"--speculate must be an integer in 0..{MAX_SPECULATE}, got {self.k!r}")
+        if self.draft not in DRAFTS:
+            raise PocketLMError(f"draft policy must be one of {', '.join(DRAFTS)}, got {self.draft!r}")
+
+
+def draft_lengths(methods, spec: Speculation, sampling) -> list[int]:
+    """Per row: SpecSteer drafts its own length; other rows `spec.k`, none when sampled with guards."""
+    out = []
+    for m in methods:
+        k = getattr(m.rule, "draft_length", None) or spec.k
+        if sampling.temperature > 0 and m.guards and not hasattr(m.rule, "accepts"):
+            k = 0
+        out.append(k if m.cloud_prompt else 0)
+    return out
+
+
+def _rows(dev: DeviceScores, pos: torch.Tensor) -> DeviceScores:
+    def pick(t):
+        return None if t is None else t[pos.to(t.device)]
+    return DeviceScores(pick(dev.plain), pick(dev.ctx))
+
+
+class SpeculativeRound:
+    """The state of one speculative `generate()`: the engine's streams and plan, plus the draft bookkeeping."""
+
+    def __init__(self, engine, plan: DecodePlan, spec: Speculation, sampling, gen, lengths: list[int], on_token,
+                 ignore_eos: bool, max_new_tokens: int):
+        self.e, self.plan, self.spec, self.sampling, self.gen = engine, plan, spec, sampling, gen
+        self.k_of = torch.tensor(lengths, dtype=torch.long)
+        self.on_token, self.ignore_eos, self.max_new = on_token, ignore_eos, max_new_tokens
+        self.dev_device = next(engine.device_model.parameters()).device
+        # rounds = cloud calls after the prefill; row_rounds / round_tokens: per row, what tokens per round trip
+        # a user sees (a batched call serves every live row)
+        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_rounds": 0, "round_tokens": 0}
+
+    # -- one decision at one position ----------------------------------------------------------------
+    def decide(self, answer, dev: DeviceScores, pos: torch.Tensor, source, drafted=None):
+        """CloudStep -> fuse -> certify -> choose for the rows at live positions `pos`."""
+        e, plan = self.e, self.plan
+        live = plan.live[pos]
+        step = CloudStep.of(None if answer is None else answer[pos.to(self._device_of(answer))], e.align,
+                            self.dev_device)
+        view = e._view(step, _rows(dev, pos), live)
+        fused = plan.fuse(view, e.align.size)
+        certifier = plan.certify(fused, view, step.top, source, self.sampling)
+        choice = plan.choose(fused, self.sampling, self.gen, e.align.to_device, certifier, live=live, drafted=drafted)
+        return step, view, fused, choice
+
+    @staticmethod
+    def _device_of(answer) -> torch.device:
+        return answer.ids.device if hasattr(answer, "ids") else answer.device
+
+    def record(self, step: CloudStep, tokens: torch.Tensor, blocked: set[int], steered, live) -> torch.Tensor:
+        e = self.e
+        cloud_ids, dev_ids = e.align.to_cloud(tokens), e.align.to_device(tokens)
+        is_eos = e._eos_check(cloud_ids.tolist(), dev_ids.tolist(), step, self.plan)
+        return self.plan.record(Choice(tokens, blocked), dev_ids.tolist(), steered, is_eos, self.ignore_eos,
+                                self.on_token, live=live)
+
+    # -- drafting ------------------------------------------------------------------------------------
+    def draft(self, dev0: DeviceScores, device, budget: torch.Tensor):
+        """Draft up to `budget[p]` tokens per live row from device scores `dev0` (after z). Returns (drafts
+        `[B, K']` fused ids, lengths `[B]`, q: per position the draft distributions (sampling), device scores
+        per drafted position, the ids the device must still consume for the bonus position)."""
+        e, plan, n = self.e, self.plan, self.plan.live.numel()
+        K = int(budget.max()) if n else 0
+        drafts = torch.zeros(n, K, dtype=torch.long)
+        lengths = torch.zeros(n, dtype=torch.long)
+        active = budget > 0
+        dev_seq, q_seq = [dev0], []
+        for j in range(K):
+            pos = active.nonzero().flatten()
+            view = e._view(CloudStep(None), _rows(dev_seq[j], pos), plan.live[pos])
+            fused = plan.fuse(view, e.align.size, draft=True)
+            if self.spec.draft == "ctx" and view.ctx is not None:
+                fused.scores = view.ctx.clone()
+            hist = [e.align.to_device(drafts[p, :j]).tolist() for p in pos.tolist()]
+            choice = plan.choose(fused, self.sampling, self.gen, e.align.to_device, live=plan.live[pos], drafted=hist)
+            q = self.sampling.probs(fused.scores) if self.sampling.temperature > 0 else None
+            q_full = None
+            if q is not None:
+                q_full = torch.zeros(n, q.shape[-1], device=q.device)
+                q_full[pos.to(q.device)] = q
+            q_seq.append(q_full)
+            tok = choice.tokens.cpu()
+            ok = torch.tensor([i not in choice.blocked for i in range(pos.numel())], dtype=torch.bool)
+            drafts[pos[ok], j] = tok[ok]
+            lengths[pos[ok]] += 1
+            eos = self._is_eos(tok)
+            still = ok & ~eos & (lengths[pos] < budget[pos])
+            active = torch.zeros(n, dtype=torch.bool)
+            active[pos[still]] = True
+            if not bool(active.any()) or j == K - 1:
+                return drafts[:, : j + 1], lengths, q_seq, dev_seq
+            dev_seq.append(self._timed_device(device, self._filled(drafts[:, j], lengths, j)))
+        return drafts[:, :0], lengths, q_seq, dev_seq
+
+    def _is_eos(self, tok: torch.Tensor) -> torch.Tensor:
+        e = self.e
+        cloud_ids, dev_ids = e.align.to_cloud(tok).tolist(), e.align.to_device(tok).tolist()
+        return torch.tensor([c in e.cloud_eos or d in e.device_eos for c, d in zip(cloud_ids, dev_ids, strict=True)],
+                            dtype=torch.bool)
+
+    def _filled(self, column: torch.Tensor, lengths: torch.Tensor, j: int) -> torch.Tensor:
+        """Draft column j with the rows that drafted fewer than j+1 tokens filled by their last real token (or
+        z): those positions are scored and rewound, never kept, and carry nothing not already sent."""
+        col = column.clone()
+        short = lengths <= j
+        if bool(short.any()):
+            col[short] = self._last_real[short]
+        return self.e.align.to_device(col)
+
+    def _timed_device(self, device, ids: torch.Tensor) -> DeviceScores:
+        return self.e.clock.timed("device", device.step, ids.to(self.dev_device))
+
+    # -- one round -----------------------------------------------------------------------------------
+    def round(self, z: torch.Tensor | None, cloud, device, prefilled=None):
+        """Consume z, draft, verify, record; returns (next z per live row, finished `[B]`). The first round has
+        no z: it drafts from the prefill's scores (`prefilled` = (cloud answer, device scores)), so the first
+        token is drafted and verified like every other (SpecSteer drafts from the start)."""
+        e, plan, n = self.e, self.plan, self.plan.live.numel()
+        emitted = torch.tensor([len(plan.gens[r].token_ids) for r in plan.live.tolist()], dtype=torch.long)
+        budget = torch.minimum(self.k_of[plan.live], (self.max_new - emitted - 1).clamp_min(0))
+        self.stats["row_rounds"] += n
+        if prefilled is None:
+            self.stats["rounds"] += 1
+        no_drafts = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
+        if int(budget.max()) == 0:  # nobody drafts: one ordinary step
+            if prefilled is not None:
+                return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
+            cl, dev = e.clock.step(cloud, e.align.to_cloud(z), device, e.align.to_device(z).to(self.dev_device),
+                                   e.overlap)
+            return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
+        self._last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
+        dev0 = self._timed_device(device, e.align.to_device(z)) if prefilled is None else prefilled[1]
+        drafts, lengths, q_seq, dev_seq = self.draft(dev0, device, budget)
+        k_used = drafts.shape[1]
+        head = [] if prefilled is not None else [z.cpu().view(-1, 1)]
+        ids = torch.cat(head + [drafts], dim=1)
+        lead = len(head)
+        for j in range(k_used):  # rows that drafted fewer: fillers (their last real token), rewound after
+            short = lengths <= j
+            ids[short, lead + j] = ids[short, lead + j - 1] if lead + j > 0 else self._last_real[short]
+        last = e.align.to_device(ids[:, -1]).to(self.dev_device)
+        cl, dev_last = e.clock.step(cloud, e.align.to_cloud(ids), device, last, e.overlap, cloud_op="extend")
+        self.stats["rounds"] += 1
+        self.stats["drafted"] += int(lengths.sum())
+        for p, r in enumerate(plan.live.tolist()):
+            plan.gens[r].drafted_tokens += int(lengths[p])
+        answers = cl if prefilled is None else [prefilled[0]] + cl
+        return self._verify(answers, dev_seq + [dev_last], drafts, lengths, q_seq, cloud, device,
+                            offset=0 if prefilled is None else 1)
+
+    def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int):
+        """Decide positions 0..K' in order (`answers[j]`: the cloud after the j-th kept token; answers before
+        `offset` are the current step's, the rest come from the verify, position j - offset)."""
+        e, plan, n = self.e, self.plan, self.plan.live.numel()
+        k_used = drafts.shape[1]
+        undecided = torch.ones(n, dtype=torch.bool)
+        finished = torch.zeros(n, dtype=torch.bool)
+        accepted = torch.zeros(n, dtype=torch.long)
+        z = torch.zeros(n, dtype=torch.long)
+        starts = [len(plan.gens[r].token_ids) for r in plan.live.tolist()]
+        for j in range(k_used + 1):
+            pos = undecided.nonzero().flatten()
+            if pos.numel() == 0:
+                break
+            source = cloud.at(j - offset, pos) if e.partial and j >= offset else cloud
+            t0 = time.perf_counter()  # the accepted drafts before j are recorded already: the guards see them
+            step, view, fused, choice = self.decide(answers[j], devs[j], pos, source)
+            tokens = self._accept(choice, view, fused, drafts, lengths, q_seq, pos, j)
+            e.clock.add("fusion", time.perf_counter() - t0)
+            done = self.record(step, tokens, choice.blocked, fused.steered, plan.live[pos])
+            for i, p in enumerate(pos.tolist()):
+                hit = j < int(lengths[p]) and int(tokens[i]) == int(drafts[p, j])
+                if bool(done[i]):
+                    undecided[p], finished[p] = False, True
+                elif hit:
+                    accepted[p] += 1
+                else:
+                    undecided[p], z[p] = False, tokens[i]
+        for p, r in enumerate(plan.live.tolist()):
+            a, length = int(accepted[p]), int(lengths[p])
+            if length > a and not bool(finished[p] and a == length):
+                rejected = e.align.to_device(drafts[p, a:length]).tolist()
+                plan.gens[r].rejected.append((starts[p] + a, rejected))
+        self.stats["accepted"] += int(accepted.sum())
+        self.stats["round_tokens"] += sum(len(plan.gens[r].token_ids) for r in plan.live.tolist()) - sum(starts)
+        if k_used:
+            drop = (k_used - accepted).clamp_min(0)
+            cloud.rewind(drop)
+            device.rewind(drop.to(self.dev_device))
+        return z, finished
+
+    def _accept(self, choice, view, fused, drafts, lengths, q_seq, pos, j) -> torch.Tensor:
+        """The token each row at this position records: the true choice, or (sampling, SpecSteer) the draft
+        token when the acceptance rule keeps it."""
+        tokens = choice.tokens.clone().cpu()
+        drafting = torch.tensor([j < int(lengths[p]) for p in pos.tolist()], dtype=torch.bool)
+        if not bool(drafting.any()):
+            return tokens
+        y = drafts[pos, min(j, drafts.shape[1] - 1)]
+        for g, gpos in self.plan._positions(self.plan.live[pos]):
+            rows = gpos[drafting[gpos]]
+            if rows.numel() == 0:
+                continue
+            accepts = getattr(g.rule, "accepts", None)
+            if accepts is not None:  # SpecSteer's ratio test
+                ok = accepts(view.select(rows.to(view.cloud.device)), y[rows])
+                tokens[rows[ok]] = y[rows[ok]]
+            elif self.sampling.temperature > 0:
+                tokens[rows] = self._speculative_sample(fused.scores, q_seq[j], y, pos, rows)
+        return tokens
+
+    def _speculative_sample(self, scores, q_full, y, pos, rows) -> torch.Tensor:
+        """Accept y with min(1, p(y)/q(y)), else draw from the normalised residual max(0, p - q)."""
+        p = self.sampling.probs(scores[rows.to(scores.device)])
+        q = q_full[pos[rows].to(q_full.device)]
+        yy = y[rows].to(p.device).view(-1, 1)
+        py, qy = p.gather(-1, yy).view(-1), q.gather(-1, yy).view(-1)
+        u = torch.rand(py.shape, generator=self.gen, device=p.device)
+        keep = u * qy <= py  # u < p/q without dividing by a zero q
+        out = yy.view(-1).clone()
+        if not bool(keep.all()):
+            resid = (p - q).clamp_min(0)[~keep]
+            mass = resid.sum(-1, keepdim=True)
+            resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p[~keep])
+            out[~keep] = torch.multinomial(resid, 1, generator=self.gen).view(-1)
+        return out.cpu()
+
+
+def acceptance(stats: dict) -> dict:
+    """Summary numbers of a speculative run: the share of draft tokens accepted, and the tokens a row gained
+    per cloud round trip after the prefill (1.0 without speculation)."""
+    out = dict(stats)
+    out["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
+    out["tokens_per_round_trip"] = stats["round_tokens"] / stats["row_rounds"] if stats["row_rounds"] else None
+    return out
+
+
+__all__ = ["DRAFTS", "MAX_SPECULATE", "SpeculativeRound", "Speculation", "acceptance", "draft_lengths"]
