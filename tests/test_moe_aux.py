@@ -3,6 +3,8 @@ statistics only by an opt-in `RoutingRecorder`, and no autograd graph stays reac
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pocketlm.models import build_tiny
@@ -35,6 +37,8 @@ def _reachable_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
         elif isinstance(obj, dict):
             for x in obj.values():
                 walk(x, depth + 1)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):   # the layers' forward context
+            walk(vars(obj), depth + 1)
 
     for m in module.modules():
         for k, v in vars(m).items():
@@ -50,7 +54,7 @@ def test_no_graph_stays_on_modules_after_forward_and_backward(graph_tensors):
         loss = model(input_ids=ids, labels=ids).loss
     (loss + aux.total()).backward()
     assert not any(t.grad_fn is not None for t in _reachable_tensors(model))
-    assert all(m.aux_sink is None and m.record is None for m in model.modules() if isinstance(m, MixtureMLP))
+    assert all(m.ctx.aux is None and m.ctx.record is None for m in model.modules() if isinstance(m, MixtureMLP))
     del loss, aux
     assert graph_tensors() == []
     model(input_ids=ids)  # a forward without any context retains nothing either
@@ -101,4 +105,4 @@ def test_routing_recorder_is_the_only_source_of_statistics():
         model(input_ids=ids[:1])
         model(input_ids=ids[1:])
     assert set(rec.stats) == {0, 1} and all(0.0 <= v <= 1.0 for v in rec.stats.values())
-    assert all(m.record is None for m in rec.layers)
+    assert all(m.ctx.record is None for m in rec.layers)

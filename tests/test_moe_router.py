@@ -19,13 +19,12 @@ from pocketlm.moe import (
     param_role,
 )
 from pocketlm.moe.aux import collect_aux
-from pocketlm.moe.lora import named_generator
-from pocketlm.moe.router import BALANCE_WEIGHT, noisy_load
+from pocketlm.moe.router import BALANCE_WEIGHT, ROUTERS, make_router, noisy_load
 
 
 def _gate(experts=2, top_k=2, hidden=16, seed=0):
     gate = OfficialGate(hidden, experts, top_k)
-    gate.reset(lambda s: named_generator(seed, s))
+    gate.reset(seed, "gate")
     return gate
 
 
@@ -85,12 +84,12 @@ def test_gate_returns_its_weighted_loss_and_the_model_sums_layers():
     model = _model()
     model.train()
     with torch.no_grad(), collect_aux(model) as aux:
-        assert all(m.aux_sink[1] == 1.0 for _, m in mixture_layers(model))  # already weighted: not / n_layers
+        assert all(m.ctx.aux.weight == 1.0 for _, m in mixture_layers(model))  # already weighted: not / n_layers
         model(input_ids=torch.randint(0, 200, (2, 12)))
     per_layer = aux.terms
     assert len(per_layer) == len(mixture_layers(model)) > 1
     assert float(aux.total()) == pytest.approx(float(sum(per_layer)), rel=1e-6)   # summed, not averaged
-    assert all(m.aux_sink is None for _, m in mixture_layers(model))
+    assert all(m.ctx.aux is None for _, m in mixture_layers(model))
 
 
 def test_gradients_reach_only_the_trained_gate_weights():
@@ -146,3 +145,27 @@ def test_linear_router_is_unchanged_and_unknown_router_is_clear():
     from pocketlm.errors import PocketLMError
     with pytest.raises(PocketLMError, match="unknown router"):
         MoEConfig(router_type="mlp")
+
+
+@pytest.mark.parametrize("router_type", ROUTERS)
+def test_both_routers_share_one_interface(router_type):
+    """`route(x, with_aux)` gives float32 gates over the top-k and the balance term only when asked for;
+    `balance_summed` says how `collect_aux` weighs it; `reset(seed, name)` draws by name."""
+    r = make_router(router_type, 16, 4, 2)
+    r.reset(0, "layer.router")
+    x = torch.randn(10, 16)
+    r.train()
+    g, aux = r.route(x)
+    assert g.dtype == torch.float32 and g.shape == (10, 4) and aux is None
+    assert torch.allclose(g.sum(-1), torch.ones(10)) and ((g > 0).sum(-1) == 2).all()
+    _, aux = r.route(x, with_aux=True)
+    assert aux is not None and aux.ndim == 0
+    assert r.balance_summed is (router_type == "official")
+    again = make_router(router_type, 16, 4, 2)
+    again.reset(0, "layer.router")
+    assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), again.state_dict().values(), strict=True))
+    again.reset(0, "other.router")
+    assert not all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), again.state_dict().values(),
+                                                     strict=True))
+    with pytest.raises(ValueError, match="router_type"):
+        make_router("mlp", 16, 4, 2)

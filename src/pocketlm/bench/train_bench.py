@@ -86,13 +86,11 @@ def peft_model(base: nn.Module, *, rank: int = 8, alpha: float = 16.0) -> nn.Mod
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise PocketLMError(f"the peft row needs the `peft` package (pip install 'pocketlm[bench]'): {e}") from e
-    from ..moe.fused import FAMILIES
-    from ..moe.inject import ATTN_PROJ, _mlps
+    from ..moe.family import adapter_targets
 
-    fams = {fam for *_, fam in _mlps(base)}
-    if not fams:
+    targets = adapter_targets(base)
+    if not targets:
         raise PocketLMError("the peft row needs llama-style or GPT-2 MLP blocks")
-    targets = sorted({n for f in fams for n in (*ATTN_PROJ[f], *FAMILIES[f][0], FAMILIES[f][1])})
     # rsLoRA scale alpha / sqrt(r), as ours; adapters in the base's dtype, as ours (PEFT would upcast to fp32)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=True, lora_dropout=0.0, target_modules=targets,
                      bias="none")

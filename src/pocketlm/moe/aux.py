@@ -1,8 +1,9 @@
 """The load-balancing loss, collected through a context instead of being left on the modules.
 
 `with collect_aux(model) as aux: loss = model(...).loss + aux.total()`: inside the context every mixture layer
-with a router and `lb_coef > 0` appends its weighted term (`lb_coef * balance / n_layers`, so one forward's
-total is `lb_coef` times the mean over layers). Outside any context nothing is computed or stored, so a forward
+with a linear router and `lb_coef > 0` appends its weighted term (`lb_coef * balance / n_layers`, so one
+forward's total is `lb_coef` times the mean over layers); a router whose term is already weighted
+(`balance_summed`: the official gate) appends it as is, summed over layers. Outside any context nothing is computed or stored, so a forward
 leaves no autograd graph behind on a module (as HF's MoE models return router logits instead of keeping them).
 """
 
@@ -13,8 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .context import AuxSink, layer_context
 from .mixture import MixtureMLP
-from .router import OfficialGate
 
 
 class AuxLosses:
@@ -34,17 +35,10 @@ class AuxLosses:
 def collect_aux(model: nn.Module):
     """Give each balancing mixture layer of `model` a sink for the duration of the context (see module doc)."""
     mixtures = [m for m in model.modules() if isinstance(m, MixtureMLP) and m.router is not None]
-    official = [m for m in mixtures if isinstance(m.router, OfficialGate)]
-    linear = [m for m in mixtures if not isinstance(m.router, OfficialGate) and m.lb_coef > 0]
-    layers = linear + official
+    summed = [m for m in mixtures if m.router.balance_summed]   # already weighted per layer, summed over layers
+    averaged = [m for m in mixtures if not m.router.balance_summed and m.lb_coef > 0]
     sink = AuxLosses()
-    previous = [m.aux_sink for m in layers]
-    for m in linear:
-        m.aux_sink = (sink.terms, m.lb_coef / len(linear))
-    for m in official:  # the official gate's loss is already weighted (0.01) and summed over layers
-        m.aux_sink = (sink.terms, 1.0)
-    try:
+    sinks = [AuxSink(sink.terms, m.lb_coef / len(averaged)) for m in averaged]
+    sinks += [AuxSink(sink.terms, 1.0) for _ in summed]
+    with layer_context(averaged + summed, aux=sinks):
         yield sink
-    finally:
-        for m, p in zip(layers, previous, strict=True):
-            m.aux_sink = p

@@ -22,12 +22,6 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-FAMILIES = {
-    # family: (first linears (in -> intermediate), last linear (intermediate -> out))
-    "gated": (("gate_proj", "up_proj"), "down_proj"),
-    "gpt2": (("c_fc",), "c_proj"),
-}
-
 
 def stacked(experts, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(A [E, r, in], B [E, out, r], scale) of one MLP linear across all experts."""
@@ -50,7 +44,7 @@ def _maybe_checkpoint(fn, recompute: bool, *args):
 
 def _down(mix, gh_sum: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The frozen last projection on the gate-weighted activation sum (its bias counted once per unit gate)."""
-    last_lin = getattr(mix.base, FAMILIES[mix.family][1])
+    last_lin = getattr(mix.base, mix.family.last)
     out = last_lin(gh_sum)
     if getattr(last_lin, "bias", None) is not None:          # sum_e g_e b = b only when gates sum to 1
         out = out + (g.sum(-1, keepdim=True) - 1) * last_lin.bias
@@ -59,7 +53,7 @@ def _down(mix, gh_sum: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def dense(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     """Every expert on every token (k = E, or uniform mixing without a router): [E, N, I] activations."""
-    firsts, last = FAMILIES[mix.family]
+    firsts, last = mix.family.firsts, mix.family.last
     base_pre, lows, Bs = [], [], []
     scale = None
     for n in firsts:
@@ -84,7 +78,7 @@ def dense(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> tor
 
 def topk(mix, x: torch.Tensor, g: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     """Each token runs only its k chosen experts: [N, k, I] activations instead of [E, N, I]."""
-    firsts, last = FAMILIES[mix.family]
+    firsts, last = mix.family.firsts, mix.family.last
     num_e, k = mix.num_experts, mix.top_k
     w, idx = g.topk(k, dim=-1)                                  # the chosen experts' gates (the nonzeros of g)
     # [N, k, E, 1]; a comparison, not F.one_hot, which validates indices on the host on some devices

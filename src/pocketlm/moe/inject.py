@@ -1,7 +1,7 @@
 """Turn a Hugging Face causal LM into a CoMiGS mixture model, in place.
 
-Supported families: llama-style gated MLPs (llama, qwen2, qwen3, mistral: gate/up/down + act_fn) and GPT-2
-(c_fc/c_proj Conv1D + act). Every base parameter is frozen; only LoRA factors and routers train.
+Supported families (moe.family): llama-style gated MLPs (llama, qwen2, qwen3, mistral: gate/up/down + act_fn)
+and GPT-2 (c_fc/c_proj Conv1D + act). Every base parameter is frozen; only LoRA factors and routers train.
 """
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import PocketLMError
-from .lora import AttnLoRALinear
+from .context import RoutingTally, layer_context
+from .family import mlp_blocks
+from .lora import AttnLoRALinear, LoRAFactors
 from .mixture import MixtureMLP
-from .router import ROUTERS, OfficialGate
+from .router import ROUTERS
 
 log = logging.getLogger(__name__)
 
-ATTN_PROJ = {"gated": ("q_proj", "k_proj", "v_proj", "o_proj"), "gpt2": ("c_attn", "c_proj")}
 PATHS = ("fused", "fused_dense", "reference")
 
 
@@ -46,33 +46,13 @@ class MoEConfig:
             raise PocketLMError(f"unknown router {self.router_type!r}; choose one of {ROUTERS}")
 
 
-def _family(mlp: nn.Module) -> str | None:
-    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return "gated"
-    if all(hasattr(mlp, n) for n in ("c_fc", "c_proj", "act")):
-        return "gpt2"
-    return None
-
-
-def _mlps(model: nn.Module):
-    """(parent, attribute, mlp, family) for each transformer block's MLP."""
-    found = []
-    for name, module in model.named_modules():
-        mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, nn.Module) and not isinstance(mlp, MixtureMLP):
-            fam = _family(mlp)
-            if fam:
-                found.append((module, name, mlp, fam))
-    return found
-
-
 def _attention(block: nn.Module) -> nn.Module | None:
     return getattr(block, "self_attn", None) or getattr(block, "attn", None)
 
 
 def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
     """Freeze the base, replace every MLP by a `MixtureMLP`, add attention LoRA. Returns the same model."""
-    blocks = _mlps(model)
+    blocks = mlp_blocks(model)
     if not blocks:
         arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise PocketLMError(f"cannot inject experts into {arch!r}: no llama-style or GPT-2 MLP blocks found")
@@ -84,7 +64,7 @@ def inject_moe(model: nn.Module, cfg: MoEConfig) -> nn.Module:
                                recompute=cfg.recompute, router_type=cfg.router_type)
         attn = _attention(block)
         if cfg.attn_lora and attn is not None:
-            for proj in ATTN_PROJ[fam]:
+            for proj in fam.attention:
                 lin = getattr(attn, proj, None)
                 if lin is not None and not isinstance(lin, AttnLoRALinear):
                     setattr(attn, proj, AttnLoRALinear(lin, cfg.rank, cfg.alpha))
@@ -102,18 +82,11 @@ def shared_base_view(base: nn.Module) -> nn.Module:
 
 def reset_adapters(model: nn.Module, seed: int = 0) -> None:
     """Re-initialise every LoRA (A random per name, B zero) and router (N(0, 0.02) per name)."""
-    from .lora import LoRAFactors, named_generator
-
     for name, module in model.named_modules():
         if isinstance(module, LoRAFactors):
             module.reset(seed, name)
-        elif isinstance(module, MixtureMLP) and isinstance(module.router, OfficialGate):
-            module.router.reset(lambda suffix, name=name: named_generator(seed, f"{name}.router.{suffix}"))
         elif isinstance(module, MixtureMLP) and module.router is not None:
-            w = torch.empty(module.router.weight.shape)
-            nn.init.normal_(w, 0.0, 0.02, generator=named_generator(seed, name + ".router"))
-            with torch.no_grad():
-                module.router.weight.copy_(w)
+            module.router.reset(seed, f"{name}.router")
     for name, p in model.named_parameters():
         p.requires_grad_(param_role(name) is not None)
 
@@ -129,16 +102,19 @@ class RoutingRecorder:
     def __init__(self, model: nn.Module):
         self.layers = [m for _, m in mixture_layers(model)]
         self.stats: dict[int, float] = {}
+        self._tallies: list[RoutingTally] = []
+        self._block = None
 
     def __enter__(self):
-        for m in self.layers:
-            m.record = [0.0, 0]
+        self._tallies = [RoutingTally() for _ in self.layers]
+        self._block = layer_context(self.layers, record=self._tallies)
+        self._block.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.stats = {i: float(m.record[0]) / m.record[1] for i, m in enumerate(self.layers) if m.record[1] > 0}
-        for m in self.layers:
-            m.record = None
+        self._block.__exit__(*exc)
+        shares = [t.share() for t in self._tallies]
+        self.stats = {i: s for i, s in enumerate(shares) if s is not None}
         return False
 
 

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from .context import EMPTY, ForwardContext
+
 
 def named_generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -56,7 +58,7 @@ class AttnLoRALinear(nn.Module):
         self.base = base
         fin, fout = linear_shape(base)
         self.attn_lora = LoRAFactors(fin, fout, rank, alpha, dtype=base.weight.dtype, device=base.weight.device)
-        self.row_mask = None  # set only inside moe.row_adapters.adapter_rows()
+        self.ctx: ForwardContext = EMPTY  # row modes, only inside moe.row_adapters.adapter_rows()
         self.shared = False  # does the server average this LoRA (set on loading; SHARED rows keep it on then)
 
     @property
@@ -64,6 +66,6 @@ class AttnLoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_mask is not None:
-            return self.base(x) + self.row_mask.lora(self.attn_lora(x), self.shared)
+        if self.ctx.rows is not None:
+            return self.base(x) + self.ctx.rows.lora(self.attn_lora(x), self.shared)
         return self.base(x) + self.attn_lora(x)

@@ -1,7 +1,14 @@
 """The routers a mixture layer can use: the one-layer linear router and the official Llama-family gate.
 
+Both have one interface, so a mixture layer never asks which one it holds:
+- `route(x, with_aux) -> (gates [N, E] float32, aux or None)`: the mixture weights and, when asked for (and
+  defined in the current mode), this layer's balance term;
+- `balance_summed`: False when the layer's `lb_coef` weighs the term and `collect_aux` averages it over layers,
+  True when the term is already weighted and summed over layers;
+- `reset(seed, name)`: draw the weights from generators named after the router's module name.
+
 - `linear` (pocketlm's default, the official **GPT-2** router, models/gating.py): `Linear(d -> E)`, no noise;
-  its optional Switch-style balance loss lives in `MixtureMLP` (`lb_coef`, mean over layers).
+  an optional Switch-style balance loss `E * sum_i f_i P_i` (`lb_coef`, mean over layers).
 - `official` (the official **Llama** gate, `TopKBalancedNoisyGate` with `gate_network="mlp"`, models/moe_experts.py
   of comigs-icml2025/codebase at 2ac0eac): `Linear(d -> E) -> tanh -> Linear(E -> E)`, both without bias and
   trained. In training mode the logits get noise `N(0, 1) * (softplus(x W_noise^T) + 0.01)`, where `W_noise` is
@@ -21,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
+
+from .lora import named_generator
 
 ROUTERS = ("linear", "official")
 BALANCE_WEIGHT = 0.01        # the official gate's balance-loss weight per layer (configuration_llama_moe.py)
@@ -65,12 +74,58 @@ def noisy_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor
     return torch.where(is_in, p_in, p_out).sum(0)
 
 
+def _normal_(t: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill `t` with N(0, INIT_STD) drawn in float32 on the CPU (the same numbers on any device and dtype)."""
+    w = torch.empty(t.shape)
+    nn.init.normal_(w, 0.0, INIT_STD, generator=generator)
+    with torch.no_grad():
+        t.copy_(w)
+
+
+class LinearRouter(nn.Linear):
+    """`Linear(d -> E)` without bias; gates: softmax over all E (k = E), the top-1 probability (k = 1), or the
+    softmax over the top-k logits (1 < k < E). Its forward returns the logits, as an nn.Linear."""
+
+    balance_summed = False
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, *, dtype=None, device=None):
+        super().__init__(hidden, num_experts, bias=False, dtype=dtype, device=device)
+        self.num_experts, self.top_k = num_experts, min(top_k, num_experts)
+
+    def reset(self, seed: int, name: str) -> None:
+        _normal_(self.weight, named_generator(seed, name))
+
+    def route(self, x: torch.Tensor, with_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self(x)
+        if self.top_k == 1:
+            probs = torch.softmax(logits.float(), -1)
+            top, idx = probs.max(-1, keepdim=True)
+            g = torch.zeros_like(probs).scatter(-1, idx, top)
+        elif self.top_k == self.num_experts:
+            g = torch.softmax(logits.float(), -1)
+        else:
+            top, idx = logits.float().topk(self.top_k, -1)
+            g = torch.zeros_like(logits, dtype=torch.float32).scatter(-1, idx, torch.softmax(top, -1))
+        return g, (self.balance(logits, g) if with_aux else None)
+
+    def balance(self, logits: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Switch-style E * sum_i f_i P_i (f: share of top-k slots, P: mean router prob), unweighted.
+
+        With E = k = 2 this is identically 1 with zero gradient, as in the official GPT-2 path (comigs.md §1.6).
+        """
+        f = (g > 0).float().mean(0) / self.top_k
+        p = torch.softmax(logits.float(), -1).mean(0)
+        return self.num_experts * (f * p).sum()
+
+
 class OfficialGate(nn.Module):
     """Linear -> tanh -> Linear gate with frozen-weight noisy top-k in training (see the module docstring).
 
     `forward(x)` returns `(gates [N, E] float32, aux)` where `aux` is this layer's weighted balance loss
     (`BALANCE_WEIGHT * balance_loss`) in training mode and None in eval mode.
     """
+
+    balance_summed = True
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, *, dtype=None, device=None):
         super().__init__()
@@ -79,16 +134,16 @@ class OfficialGate(nn.Module):
         self.w_out = nn.Linear(num_experts, num_experts, bias=False, dtype=dtype, device=device)
         self.register_buffer("noise_weight", torch.zeros(num_experts, hidden, dtype=dtype, device=device))
 
-    def reset(self, generator_for) -> None:
-        """Draw every weight N(0, 0.02), each from its own named generator (`generator_for(suffix)`)."""
-        with torch.no_grad():
-            for suffix, t in (("w_in", self.w_in.weight), ("w_out", self.w_out.weight),
-                              ("noise", self.noise_weight)):
-                w = torch.empty(t.shape)
-                nn.init.normal_(w, 0.0, INIT_STD, generator=generator_for(suffix))
-                t.copy_(w)
+    def reset(self, seed: int, name: str) -> None:
+        """Draw every weight N(0, 0.02), each from its own generator (`name.w_in`, `name.w_out`, `name.noise`)."""
+        for suffix, t in (("w_in", self.w_in.weight), ("w_out", self.w_out.weight), ("noise", self.noise_weight)):
+            _normal_(t, named_generator(seed, f"{name}.{suffix}"))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.route(x, with_aux=True)
+
+    def route(self, x: torch.Tensor, with_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gates; the weighted balance loss only when asked for and in training (None otherwise)."""
         clean = self.w_out(torch.tanh(self.w_in(x)))
         noisy, std = clean, None
         if self.training:
@@ -96,8 +151,16 @@ class OfficialGate(nn.Module):
             noisy = clean + torch.randn_like(clean) * std
         top, idx = noisy.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(noisy, dtype=torch.float32).scatter(-1, idx, torch.softmax(top.float(), -1))
-        if not self.training:
+        if not (self.training and with_aux):
             return gates, None
         load = noisy_load(clean.float(), noisy.float(), std.float(), self.top_k) if self.top_k < self.num_experts \
             else None
         return gates, BALANCE_WEIGHT * balance_loss(noisy, gates, load)
+
+
+def make_router(router_type: str, hidden: int, num_experts: int, top_k: int, *, dtype=None, device=None) -> nn.Module:
+    """A router by its config name (`ROUTERS`)."""
+    if router_type not in ROUTERS:
+        raise ValueError(f"router_type must be one of {ROUTERS}, got {router_type!r}")
+    cls = OfficialGate if router_type == "official" else LinearRouter
+    return cls(hidden, num_experts, top_k, dtype=dtype, device=device)

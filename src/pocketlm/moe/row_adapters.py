@@ -7,8 +7,8 @@ LoRA adds its update only on those rows, so an "off" row computes exactly what t
 A third row mode, SHARED, runs the model with its *private* experts' LoRA off (each replaced by the frozen base
 MLP, the router's gates kept) and the attention LoRA on only if it is shared: `log p_personal - log p_shared` is
 then what the user's private experts add over the federation's shared parts (the `specialist` signal).
-The mask lives on the modules only inside the context (restored on exit, also on error): nothing is kept
-between calls, and code outside the block always sees the plain personal model.
+The mask lives in the modules' forward context (moe.context) only inside the block (restored on exit, also on
+error): nothing is kept between calls, and code outside the block always sees the plain personal model.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PocketLMError
+from .context import layer_context
 from .lora import AttnLoRALinear
 from .mixture import MixtureMLP
 
@@ -69,13 +70,8 @@ def adapter_rows(model: nn.Module, on: torch.Tensor | None):
     if mask.has_shared and any(isinstance(m, MixtureMLP) and m.shared_experts is None for m in mods):
         raise PocketLMError("a SHARED row needs a personal model loaded from a run's shared/private adapter files "
                             "(moe.personal.load_personal): this model does not know which of its parts are shared")
-    for m in mods:
-        m.row_mask = mask
-    try:
+    with layer_context(mods, rows=mask):
         yield
-    finally:
-        for m in mods:
-            m.row_mask = None
 
 
 def has_adapters(model: nn.Module) -> bool:
