@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pocketlm.collab import Device, bound, load_config
+from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.moe import MoEConfig, inject_moe, param_role, shared_base_view
 
@@ -95,3 +96,27 @@ def test_device_knows_its_expert_count():
     for e in (1, 2, 3):
         model = inject_moe(shared_base_view(base), MoEConfig(num_experts=e, rank=4, seed=0))
         assert Device("u", model, cfg, bilevel=True, train_tokens=10, batch_size=2).num_experts == e
+
+
+def test_binding_keeps_the_parameter_names_and_their_order():
+    """Binding re-registers parameters through nn.Module's public attribute assignment: a state dict, an
+    optimizer built inside the block and `named_parameters` see the same names in the same order."""
+    _, _, model, devs, _ = _world()
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    with devs["a"].bound(model):
+        assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+        assert all(model.get_parameter(n) is p for n, p in devs["a"].params.items())
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+
+
+def test_download_takes_shared_tensors_only_and_checks_shapes():
+    _, _, _, devs, _ = _world()
+    d = devs["a"]
+    shared = next(n for n in d.params if param_role(n) == "generalist")
+    private = next(n for n in d.params if param_role(n) == "specialist")
+    before = d.params[private].detach().clone()
+    d.download({shared: torch.full_like(d.params[shared], 0.5), private: torch.ones_like(before),
+                "not.a.tensor.of.this.device": torch.ones(1)}, lambda n: param_role(n) == "generalist")
+    assert torch.all(d.params[shared] == 0.5) and torch.equal(d.params[private], before)
+    with pytest.raises(PocketLMError, match="shape"):
+        d.download({shared: torch.ones(1)}, lambda n: True)

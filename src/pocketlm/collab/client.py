@@ -1,9 +1,10 @@
 """A simulated device and its CoMiGS local update (bi-level: experts on train, router on validation).
 
 A device is only its adapter tensors, two AdamW optimizers, the expert LR schedule, a step counter and a batch
-RNG. Many devices share one model (one frozen base); a device's adapters are installed into it by pointer (no
-copy) only inside `with device.bound(model): ...`, which puts the model's previous parameters back on exit, so no
-code outside the block can silently compute with some user's adapters. `local_update` binds by itself.
+RNG. Many devices share one model (one frozen base); a device's adapters are installed into it (the parameter
+objects themselves, no copy) only inside `with device.bound(model): ...`, which puts the model's previous
+parameters back on exit, so no code outside the block can silently compute with some user's adapters.
+`local_update` binds by itself.
 Memory grows by adapter size per device. Optimizer state persists across rounds, as in the official code.
 
 Gradient hygiene (comigs.md §2.4): the official code lets each optimizer zero only its own parameters, so the
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..data.packing import sample_windows
+from ..errors import PocketLMError
 from ..moe import collect_aux, expert_index, param_role
 from ..moe.lora import named_generator
 
@@ -34,22 +36,26 @@ EXPERT_ROLES = ("generalist", "specialist", "attn_lora")
 
 @contextmanager
 def bound(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[nn.Module]:
-    """Inside the block `model` computes with these parameter objects (pointer swap, no copy; the frozen base
-    stays shared); on exit, even by an exception, the parameters it had before are back. Nests."""
+    """Inside the block `model` computes with these parameter objects (no copy; the frozen base stays shared);
+    on exit, even by an exception, the parameters it had before are back. Nests.
+
+    Binding is plain attribute assignment: `setattr(module, leaf, parameter)` re-registers a parameter through
+    `nn.Module`'s public API, so each device costs its adapters only, whatever torch keeps privately."""
     slots = []
     for name in params:
         mod_name, leaf = name.rsplit(".", 1)
         module = model.get_submodule(mod_name)
-        if leaf not in module._parameters:
+        previous = dict(module.named_parameters(recurse=False)).get(leaf)
+        if previous is None:
             raise KeyError(f"{name} is not a parameter of this model")
-        slots.append((module, leaf, module._parameters[leaf]))
+        slots.append((module, leaf, previous))
     try:
         for (module, leaf, _), p in zip(slots, params.values(), strict=True):
-            module._parameters[leaf] = p
+            setattr(module, leaf, p)
         yield model
     finally:
         for module, leaf, previous in slots:
-            module._parameters[leaf] = previous
+            setattr(module, leaf, previous)
 
 
 def cosine_factor(step: int, total: int, min_ratio: float) -> float:
@@ -87,6 +93,18 @@ class Device:
         """`with device.bound(model): ...`: the model computes with this device's adapters inside the block
         only (see `bound`). `model` must have this device's expert count (`num_experts`)."""
         return bound(model, self.params)
+
+    def download(self, global_state: dict[str, torch.Tensor], shares) -> None:
+        """Take the global values of the shared tensors this device holds (`shares(name)`; others are ignored);
+        a tensor of the wrong shape is an error, not a broadcast."""
+        with torch.no_grad():
+            for n, t in global_state.items():
+                p = self.params.get(n)
+                if p is None or not shares(n):
+                    continue
+                if tuple(t.shape) != tuple(p.shape):
+                    raise PocketLMError(f"server sent {n} with shape {tuple(t.shape)}, device has {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))
 
     # -- state for checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:

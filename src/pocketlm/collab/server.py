@@ -91,9 +91,5 @@ class Server:
                 self.global_state[n] = s / weights[n]
         return report
 
-    def download(self, names) -> dict[str, torch.Tensor]:
-        """The global values a device with these tensor names receives."""
-        return {n: self.global_state[n] for n in names if n in self.global_state}
-
     def upload_bytes(self) -> int:
         return sum(t.numel() * 4 for t in self.global_state.values())

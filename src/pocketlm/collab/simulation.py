@@ -43,6 +43,29 @@ def pooled_tokens(data: dict[str, UserTokens]) -> UserTokens:
     return UserTokens(*(torch.cat([t[k] for t in data.values()]) for k in ("train", "val", "test")))
 
 
+# The pieces a round is made of, shared with the Flower apps (collab.flower.task), which run the same round
+# with one device per node.
+def model_view(base: nn.Module, strategy: Strategy, cfg, experts: int) -> nn.Module:
+    """A mixture model with `experts` experts over `base`'s tensors (devices bind their adapters into it)."""
+    return inject_moe(shared_base_view(base), strategy.moe_config(cfg, experts))
+
+
+def eval_stream(tokens: UserTokens, cfg) -> torch.Tensor:
+    """A user's test split, cut to `max_eval_tokens` when that is set."""
+    return tokens.test[: cfg.max_eval_tokens] if cfg.max_eval_tokens else tokens.test
+
+
+def score_ppl(model: nn.Module, stream: torch.Tensor, cfg, pad_id: int, desc: str | None = None) -> float:
+    """Test perplexity as every strategy and the federation report it (blocks of `seq_len`)."""
+    return perplexity(model, stream, block_len=cfg.seq_len, batch_size=cfg.eval_batch_size, pad_id=pad_id, desc=desc)
+
+
+def mean_loss(losses: list[float]) -> float:
+    """The mean of the finite losses of a local update (skipped steps are not averaged in); NaN if none."""
+    finite = [x for x in losses if math.isfinite(x)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 class Simulation:
     def __init__(self, cfg, strategy: Strategy, base: nn.Module, data: dict[str, UserTokens], out_dir: str | Path,
                  *, pad_id: int = 0):
@@ -51,7 +74,7 @@ class Simulation:
         self.out = Path(out_dir)
         self.pad_id = pad_id
         self.users = list(data)
-        self.eval_data = {u: t.test[: cfg.max_eval_tokens] if cfg.max_eval_tokens else t.test for u, t in data.items()}
+        self.eval_data = {u: eval_stream(t, cfg) for u, t in data.items()}
         self.train_data = {POOLED: pooled_tokens(data)} if strategy.pooled else dict(data)
         self.history: list[dict] = []
         self.round = 0
@@ -64,7 +87,7 @@ class Simulation:
     # -- setup -------------------------------------------------------------------------------------
     def _model_for(self, experts: int) -> nn.Module:
         if experts not in self.models:
-            self.models[experts] = inject_moe(shared_base_view(self.base), self.strategy.moe_config(self.cfg, experts))
+            self.models[experts] = model_view(self.base, self.strategy, self.cfg, experts)
         return self.models[experts]
 
     def _build_devices(self) -> None:
@@ -84,22 +107,16 @@ class Simulation:
         return self._model_for(self.devices[user].num_experts)
 
     # -- one round ---------------------------------------------------------------------------------
-    def _download(self, d: Device) -> None:
-        with torch.no_grad():
-            for n, t in self.server.download(d.params).items():
-                d.params[n].copy_(t)
-
     def train_round(self, *, score: bool = False) -> dict:
         """One round. `score`: also score each device right after its local steps (before the average)."""
         losses, skipped, before = {}, {}, {}
         uploads = []
         for user, d in progress(self.devices.items(), desc=f"round {self.round + 1}/{self.cfg.rounds}",
                                 total=len(self.devices)):
-            self._download(d)
+            d.download(self.server.global_state, self.server.shares)
             tokens = self.train_data[user]
             ls = d.local_update(self.model_of(user), tokens.train, tokens.val, self.cfg.local_steps)
-            finite = [x for x in ls if math.isfinite(x)]
-            losses[user] = sum(finite) / len(finite) if finite else float("nan")
+            losses[user] = mean_loss(ls)
             skipped[user] = d.skipped
             if score and self.strategy.collaborative:
                 before.update(self._score(user))
@@ -108,7 +125,7 @@ class Simulation:
                                       d.train_tokens))
         report = self.server.aggregate(uploads) if uploads else None
         for d in self.devices.values():
-            self._download(d)
+            d.download(self.server.global_state, self.server.shares)
         info = {"train_loss": losses, "rejected": report.rejected if report else {}}
         if before:
             info["before_aggregation"] = _summary({u: before[u] for u in self.users})
@@ -128,9 +145,7 @@ class Simulation:
         with ctx:
             for user in users:
                 with RoutingRecorder(model) as rec:
-                    out[user] = perplexity(model, self.eval_data[user], block_len=self.cfg.seq_len,
-                                           batch_size=self.cfg.eval_batch_size, pad_id=self.pad_id,
-                                           desc=f"eval {user}")
+                    out[user] = score_ppl(model, self.eval_data[user], self.cfg, self.pad_id, desc=f"eval {user}")
                 if routing is not None and rec.stats and any(m.router is not None for m in rec.layers):
                     routing[user] = {str(k): v for k, v in rec.stats.items()}
         return out

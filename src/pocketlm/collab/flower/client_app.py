@@ -49,10 +49,11 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
 
 
 app = ClientApp(mods=[audit_mod, privacy_mod])      # audit_mod is outermost: it sees what really leaves
+resources = task.Resources()   # this app's loaded base, data and model views (Flower may reuse the process)
 
 
 def _node(context: Context) -> task.Node:
-    return task.Node(task.node_setup(context.run_config, context.node_config))
+    return task.Node(task.node_setup(context.run_config, context.node_config, resources), resources)
 
 
 @app.train()

@@ -1,25 +1,26 @@
 """The CoMiGS work a Flower node or server does, written against `Device` / `Server` / strategies only.
 
 `client_app.py` and `server_app.py` stay thin and call these functions; nothing here imports Flower, so the
-same code runs in the in-process simulation's terms (a node = one simulated `Device`). Binding a device's
-adapters into the shared model happens in exactly one place, `bind_device`.
+same code runs in the in-process simulation's terms (a node = one simulated `Device`, its round built from the
+simulation's own pieces: `model_view`, `mean_loss`, `eval_stream`, `score_ppl`, `Device.download`). Binding
+a device's adapters into the shared model happens in exactly one place, `bind_device`.
 
-Run settings come from Flower's run config (`[tool.flwr.app.config]` in pyproject.toml, `--run-config`):
-keys named like `TrainConfig` fields (`model`, `rounds`, `local_steps`, ...) configure training, exactly as in
-`configs/*.toml`; `config` may name such a TOML file (loaded first, then the other keys override it). Keys
-with dashes (`min-available-nodes`, `secagg`, `dp`, ...) configure the federation (`FLSettings`).
+Run settings come from Flower's run config (collab.flower.settings). Node settings come from the SuperNode's
+`--node-config`: `partition-id` (which user of the run's corpus this node is; Flower's simulation engine sets
+it), or `user-dir` (a folder of this device's own `.txt` documents); `state-dir` (where the private state
+lives; default `<state-root>/<user>` from the run config); optionally `experts` (this device's number of
+experts).
 
-Node settings come from the SuperNode's `--node-config`: `partition-id` (which user of the run's corpus this
-node is; Flower's simulation engine sets it), or `user-dir` (a folder of this device's own `.txt` documents);
-`state-dir` (where the private state lives; default `<state-root>/<user>` from the run config);
-optionally `experts` (this device's number of experts).
+What a process loads once (the frozen base, the users' tokens, model views) lives in a `Resources` object that
+the app owns and passes in: no module-level cache, so two apps (or two tests) in one process never share state
+by accident.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,86 +28,55 @@ from torch import nn
 
 from ...data import UserTokens, build_scenario, load_corpus
 from ...data.corpora import read_folder
-from ...errors import PocketLMError
-from ...eval import perplexity
 from ...models import load_model
-from ...moe import inject_moe, param_role, shared_base_view
+from ...moe import param_role
 from ..client import Device
-from ..config import FIELDS, PROTOCOLS, ConfigError, TrainConfig, load_config
+from ..config import ConfigError, TrainConfig
 from ..server import Server, Upload
+from ..simulation import eval_stream, mean_loss, model_view, score_ppl
 from ..strategies import Strategy, experts_per_user, get_strategy
+from .settings import FL_KEYS, FLSettings, settings
 from .state import PrivateState
+
+__all__ = ["FL_KEYS", "ConfigError", "FLSettings", "Node", "NodeSetup", "Resources", "aggregate", "bind_device",
+           "initial_global_state", "new_server", "node_setup", "settings", "update_norm"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FLSettings:
-    """Federation settings (dashed keys of the run config)."""
+# -- what a process loads once ----------------------------------------------------------------------------
+class Resources:
+    """The frozen base and tokenizer, the users' tokens and the model views (with their initial adapters) a
+    process has loaded, by what determines them (Flower may reuse a process for many messages)."""
 
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_available_nodes: int = 2
-    min_train_nodes: int = 2
-    min_evaluate_nodes: int = 1
-    round_timeout: float = 3600.0        # seconds the server waits for replies in one round
-    max_update_norm: float = 0.0         # reject an upload whose L2 distance to the global state is larger (0: off)
-    state_root: str = "~/.cache/pocketlm/fl-state"
-    secagg: bool = False                 # SecAgg+ for the shared tensors (Flower's secaggplus_mod + workflow)
-    secagg_num_shares: float = 1.0       # int > 2, or a fraction of the sampled nodes
-    secagg_threshold: float = 0.5        # int, or a fraction of num_shares
-    secagg_clipping_range: float = 8.0
-    secagg_quantization_range: int = 2**22
-    secagg_max_weight: float = 1.0       # >= the largest weight (1 for uniform; the token count for `tokens`)
-    dp: str = "off"                      # off | server | client: Flower's fixed-clipping DP wrappers
-    dp_noise_multiplier: float = 1.0
-    dp_clipping_norm: float = 1.0
+    def __init__(self):
+        self._bases: dict = {}
+        self._data: dict = {}
+        self._models: dict = {}
 
-    def validate(self) -> None:
-        if not 0 <= self.fraction_train <= 1 or not 0 <= self.fraction_evaluate <= 1:
-            raise ConfigError("fraction-train and fraction-evaluate must be in [0, 1]")
-        if self.min_available_nodes < 1 or self.min_train_nodes < 1:
-            raise ConfigError("min-available-nodes and min-train-nodes must be >= 1")
-        if self.dp not in ("off", "server", "client"):
-            raise ConfigError(f"dp must be off, server or client, got {self.dp!r}")
-        if self.dp != "off" and (self.dp_clipping_norm <= 0 or self.dp_noise_multiplier < 0):
-            raise ConfigError("dp-clipping-norm must be > 0 and dp-noise-multiplier >= 0")
-        if self.secagg and self.dp != "off":
-            raise ConfigError("secagg and dp cannot be combined here yet; turn one off")
-        if self.round_timeout <= 0 or self.max_update_norm < 0:
-            raise ConfigError("round-timeout must be > 0 and max-update-norm >= 0")
+    def base(self, cfg: TrainConfig):
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.seed)
+        if key not in self._bases:
+            self._bases[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        return self._bases[key]
 
+    def scenario(self, cfg: TrainConfig, source: str, tok, corpus=None) -> dict[str, UserTokens]:
+        key = (cfg.model, source, cfg.corpus_format, cfg.scenario, cfg.seed, cfg.max_chars)
+        if key not in self._data:
+            corpus = corpus if corpus is not None else load_corpus(source, fmt=cfg.corpus_format)
+            self._data[key] = build_scenario(corpus, tok, scenario=cfg.scenario, seed=cfg.seed,
+                                             max_chars=cfg.max_chars)
+        return self._data[key]
 
-FL_KEYS = {f.name.replace("_", "-"): f for f in fields(FLSettings)}
-
-
-def settings(run_config: dict) -> tuple[TrainConfig, FLSettings]:
-    """Split Flower's run config into the training config and the federation settings."""
-    train, fl, path = {}, {}, None
-    for key, value in dict(run_config).items():
-        if key == "config":
-            path = str(value) or None
-        elif key in FL_KEYS:
-            fl[FL_KEYS[key].name] = value
-        elif key in FIELDS:
-            if value == "" and key in PROTOCOLS["clean"]:  # unset: the protocol (or the default) decides
-                continue
-            train[key] = value
-        else:
-            raise ConfigError(f"unknown run-config key {key!r}; training keys: {sorted(FIELDS)}; "
-                              f"federation keys: {sorted(FL_KEYS)}")
-    cfg = load_config(path, train)
-    try:
-        st = FLSettings(**{k: type(getattr(FLSettings, k))(v) if k != "secagg" else _bool(v)
-                           for k, v in fl.items()})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad federation setting: {e}") from e
-    st.validate()
-    return cfg, st
-
-
-def _bool(v) -> bool:
-    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+    def model_for(self, cfg: TrainConfig, strategy: Strategy, experts: int) -> tuple[nn.Module, dict]:
+        """The shared model view for this expert count and the adapters every device starts from."""
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.seed, strategy.name, experts, cfg.rank, cfg.alpha,
+               cfg.top_k, cfg.path, cfg.recompute, cfg.lb_coef, cfg.router, cfg.baseline_experts)
+        if key not in self._models:
+            model = model_view(self.base(cfg)[0], strategy, cfg, experts)
+            init = {n: p.detach().clone() for n, p in model.named_parameters() if param_role(n) is not None}
+            self._models[key] = (model, init)
+        return self._models[key]
 
 
 # -- what a node is ------------------------------------------------------------------------------------
@@ -121,31 +91,14 @@ class NodeSetup:
     pad_id: int
 
 
-_CACHE: dict = {}  # per process: the frozen base, tokenizer and corpus (Flower may reuse a process)
-
-
-def _base(cfg: TrainConfig):
-    key = ("base", cfg.model, cfg.device, cfg.dtype, cfg.seed)
-    if key not in _CACHE:
-        _CACHE[key] = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    return _CACHE[key]
-
-
-def _scenario(cfg: TrainConfig, source: str, tok, corpus=None) -> dict[str, UserTokens]:
-    key = ("data", cfg.model, source, cfg.corpus_format, cfg.scenario, cfg.seed, cfg.max_chars)
-    if key not in _CACHE:
-        corpus = corpus if corpus is not None else load_corpus(source, fmt=cfg.corpus_format)
-        _CACHE[key] = build_scenario(corpus, tok, scenario=cfg.scenario, seed=cfg.seed, max_chars=cfg.max_chars)
-    return _CACHE[key]
-
-
-def node_setup(run_config: dict, node_config: dict) -> NodeSetup:
+def node_setup(run_config: dict, node_config: dict, res: Resources | None = None) -> NodeSetup:
     """Who this node is (user, data, expert count, state directory), from the run and node configs."""
+    res = res or Resources()
     cfg, fl = settings(run_config)
     strategy = get_strategy(cfg.strategy).for_config(cfg)
     if not strategy.trains or strategy.pooled:
         raise ConfigError(f"strategy {strategy.name!r} does not train on devices; use 1g1s, 2g, 2s, local or fedavg")
-    _, tok = _base(cfg)
+    _, tok = res.base(cfg)
     node_config = dict(node_config)
     if "user-dir" in node_config:
         udir = Path(str(node_config["user-dir"])).expanduser()
@@ -155,11 +108,11 @@ def node_setup(run_config: dict, node_config: dict) -> NodeSetup:
         corpus = {udir.name: read_folder(udir.parent)[udir.name]} if udir.is_dir() else None
         if corpus is None:
             raise ConfigError(f"user-dir {udir} is not a directory")
-        data = _scenario(cfg, str(udir), tok, corpus)
+        data = res.scenario(cfg, str(udir), tok, corpus)
         users = [udir.name]
         user = udir.name
     elif "partition-id" in node_config:
-        data = _scenario(cfg, cfg.corpus, tok)
+        data = res.scenario(cfg, cfg.corpus, tok)
         users = list(data)
         pid = int(node_config["partition-id"])
         if not 0 <= pid < len(users):
@@ -178,17 +131,6 @@ def node_setup(run_config: dict, node_config: dict) -> NodeSetup:
     return NodeSetup(cfg, strategy, user, data[user], experts, state_dir, pad)
 
 
-def _model_for(cfg: TrainConfig, strategy: Strategy, experts: int) -> nn.Module:
-    key = ("model", cfg.model, cfg.device, cfg.dtype, cfg.seed, strategy.name, experts, cfg.rank, cfg.alpha,
-           cfg.top_k, cfg.path, cfg.recompute, cfg.lb_coef, cfg.router, cfg.baseline_experts)
-    if key not in _CACHE:
-        base, _ = _base(cfg)
-        model = inject_moe(shared_base_view(base), strategy.moe_config(cfg, experts))
-        init = {n: p.detach().clone() for n, p in model.named_parameters() if param_role(n) is not None}
-        _CACHE[key] = (model, init)
-    return _CACHE[key]
-
-
 def bind_device(model: nn.Module, device: Device):
     """The one place a device's adapters are put into the shared model: a scoped binding (restored on exit)."""
     return device.bound(model)
@@ -198,10 +140,10 @@ def bind_device(model: nn.Module, device: Device):
 class Node:
     """One device behind a SuperNode: built fresh per message, its private state loaded from / saved to disk."""
 
-    def __init__(self, setup: NodeSetup):
+    def __init__(self, setup: NodeSetup, res: Resources | None = None):
         self.setup = setup
         cfg = setup.cfg
-        self.model, init = _model_for(cfg, setup.strategy, setup.experts)
+        self.model, init = (res or Resources()).model_for(cfg, setup.strategy, setup.experts)
         self.device = Device(setup.user, self.model, cfg, bilevel=setup.strategy.router, batch_size=cfg.batch_size,
                              train_tokens=int(setup.tokens.train.numel()))
         with torch.no_grad():     # the model may still hold the adapters of the device it served last
@@ -229,13 +171,7 @@ class Node:
 
     def download(self, global_state: dict[str, torch.Tensor]) -> None:
         """Take the server's values for the shared tensors this device holds (others are ignored)."""
-        with torch.no_grad():
-            for n, t in global_state.items():
-                if n in self.device.params and self.server.shares(n):
-                    p = self.device.params[n]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise PocketLMError(f"server sent {n} with shape {tuple(t.shape)}, device has {tuple(p.shape)}")
-                    p.copy_(t.to(p.dtype))
+        self.device.download(global_state, self.server.shares)
 
     def train(self, global_state: dict[str, torch.Tensor], order: list[str] | None = None,
               server_round: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -244,7 +180,6 @@ class Node:
         s = self.setup
         self.download(global_state)
         losses = self.device.local_update(self.model, s.tokens.train, s.tokens.val, s.cfg.local_steps)  # binds itself
-        finite = [x for x in losses if math.isfinite(x)]
         self.rounds_done += 1
         self.store.save(self.device.state_dict(), {"rounds_done": self.rounds_done, "server_round": server_round})
         names = self.shared_names()
@@ -254,27 +189,26 @@ class Node:
         upload = {n: self.device.params[n].detach().cpu().float().clone() for n in names}
         weight = 1 if s.cfg.aggregation == "uniform" else self.device.train_tokens
         metrics = {"num-examples": weight, "train-tokens": self.device.train_tokens,
-                   "train-loss": sum(finite) / len(finite) if finite else float("nan"),
+                   "train-loss": mean_loss(losses),
                    "skipped-steps": self.device.skipped, "step": self.device.step}
         return upload, metrics
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict:
         s = self.setup
         self.download(global_state)
-        stream = s.tokens.test[: s.cfg.max_eval_tokens] if s.cfg.max_eval_tokens else s.tokens.test
+        stream = eval_stream(s.tokens, s.cfg)
         with bind_device(self.model, self.device) as model:
-            ppl = perplexity(model, stream, block_len=s.cfg.seq_len, batch_size=s.cfg.eval_batch_size,
-                             pad_id=s.pad_id)
+            ppl = score_ppl(model, stream, s.cfg, s.pad_id)
         return {"num-examples": int(stream.numel()), "ppl": ppl}
 
 
 # -- the server's side -----------------------------------------------------------------------------------
-def initial_global_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def initial_global_state(cfg: TrainConfig, res: Resources | None = None) -> dict[str, torch.Tensor]:
     """The shared tensors every device starts from (all devices initialise them identically from the seed and
     the tensor's name); built with the largest expert count so that every shared name is present."""
     strategy = get_strategy(cfg.strategy).for_config(cfg)
     experts = max(cfg.experts) if cfg.experts and strategy.experts > 1 else strategy.experts
-    _, init = _model_for(cfg, strategy, experts)
+    _, init = (res or Resources()).model_for(cfg, strategy, experts)
     server = Server(strategy.shared_roles, cfg.aggregation)
     server.init_from([init])
     return server.global_state
