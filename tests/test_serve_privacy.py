@@ -24,7 +24,8 @@ DISTINCTIVE = ["XYZZY", "PLUGH", "7731", "Quiet Lane", "Tromso", "Dr. Vell", "pa
 QUERIES = ["Write a short note to a friend.", "Plan my weekend."]
 FIELDS = {"open": {"op", "prompts", "expand", "max_new_tokens", "format"}, "step": {"op", "ids"},
           "keep": {"op", "rows"}, "close": {"op"}, "exact": {"op", "rows", "ids"}, "full": {"op", "rows"},
-          "more": {"op", "rows", "depth"}}
+          "more": {"op", "rows", "depth"}, "verify": {"op", "ids"}, "rewind": {"op", "drop"}}
+AT = {"position"}  # exact / more / full about a verified position
 TOPK_OPEN = FIELDS["open"] | {"topk", "columns"}
 HEADERS = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "authorization"}
 
@@ -114,16 +115,19 @@ def audit(stream: bytes, tok) -> tuple[list[dict], bool]:
             continue
         assert opcode == 0x1, "only JSON text goes up"
         msg = json.loads(payload)
-        assert set(msg) in (FIELDS[msg["op"]], TOPK_OPEN if msg["op"] == "open" else None), msg.keys()
+        allowed = (FIELDS[msg["op"]], TOPK_OPEN if msg["op"] == "open" else None, FIELDS[msg["op"]] | AT)
+        assert set(msg) in allowed, msg.keys()
         ids = msg.get("ids", [])
-        ids = [i for row in ids for i in row] if msg["op"] == "exact" else ids
-        id_lists = msg.get("prompts", []) + [ids, msg.get("rows", []), msg.get("expand") or []]
+        ids = [i for row in ids for i in row] if msg["op"] in ("exact", "verify") else ids
+        id_lists = msg.get("prompts", []) + [ids, msg.get("rows", []), msg.get("expand") or [], msg.get("drop", [])]
         assert all(type(v) is int for ids in id_lists for v in ids)
         messages.append(msg)
     secret_ids = tok(SECRET, add_special_tokens=False)["input_ids"]
     sent = [m["prompts"] for m in messages if m["op"] == "open"]
     asked = [i for m in messages if m["op"] == "exact" for row in m["ids"] for i in row]  # top-k candidates
+    drafts = [row for m in messages if m["op"] == "verify" for row in m["ids"]]  # chosen id + draft, per row
     seqs = [p for ps in sent for p in ps] + [[i for m in messages if m["op"] == "step" for i in m["ids"]], asked]
+    seqs += drafts
     leak = any(contains(s, secret_ids[k:k + 6]) for s in seqs for k in range(len(secret_ids) - 5))
     return messages, leak
 
@@ -135,12 +139,12 @@ def proxy(serve_server):
     p.close()
 
 
-def generate_through(proxy, serve_pair, methods: str, client=RemoteCloud, **kw):
+def generate_through(proxy, serve_pair, methods: str, client=RemoteCloud, speculate=0, **kw):
     _, device, tok = serve_pair
     reqs = [SteerRequest(q, f"{SECRET}\n\n{q}") for q in QUERIES]
     ms = parse_methods(methods)
     with client(proxy.url, TOKEN, tokenizer=tok, **kw) as rc:
-        engine = SteerEngine(rc, tok, device, tok, overlap=True)
+        engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=speculate)
         gens = engine.generate(reqs * (len(ms) // 2), ms, max_new_tokens=16)
         engine.close()
     return gens
@@ -168,6 +172,19 @@ def test_topk_uplink_holds_only_operations_and_token_ids(proxy, serve_pair):
     messages, leak = audit(bytes(stream), tok)
     assert not leak
     assert any(m["op"] == "exact" for m in messages)  # the audit saw the extra requests
+
+
+def test_speculative_uplink_holds_only_operations_and_token_ids(proxy, serve_pair):
+    """`verify` carries the chosen id and the device's draft per row, `rewind` counts: ids and numbers only,
+    and no run of the context's ids (drafts pass the same checks as every id sent)."""
+    _, _, tok = serve_pair
+    gens = generate_through(proxy, serve_pair, "closed_form,ada_costeer", client=RemoteTopK, k=4, speculate=3)
+    assert all(g.token_ids for g in gens) and sum(g.drafted_tokens for g in gens) > 0
+    (stream,) = proxy.up
+    messages, leak = audit(bytes(stream), tok)
+    assert not leak
+    ops = {m["op"] for m in messages}
+    assert {"verify", "rewind"} <= ops
 
 
 def test_audit_catches_the_non_private_method(proxy, serve_pair):

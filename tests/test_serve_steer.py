@@ -65,3 +65,24 @@ def test_cli_steer_with_cloud_url_matches_in_process(tmp_path, monkeypatch):
     assert there.exit_code == 0, there.output
     assert there.stdout == here.stdout and len(here.stdout) == 13  # 12 tokens (tiny byte tokens) + newline
     assert refused.exit_code != 0 and isinstance(refused.exception, RemoteCloudError)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "topk"])
+def test_speculative_steering_through_the_server_equals_in_process(serve_pair, fmt):
+    """`verify` (T ids per row up, T score rows down) and `rewind` decode exactly the sequential tokens, in the
+    dense and the certified top-k format (asks about a verified position carry `position`)."""
+    from pocketlm.steer.cloud.remote import RemoteTopK
+
+    cloud, device, tok = serve_pair
+    ms = parse_methods("cloud,closed_form,plausible,ada_costeer")
+    reqs = [r for r in requests() for _ in range(2)][: len(ms)]
+    local = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok).generate(reqs, ms, max_new_tokens=20)
+    client = RemoteTopK if fmt == "topk" else RemoteCloud
+    kw = {"k": 3} if fmt == "topk" else {}
+    with start_server(cloud, tok) as srv, client(srv.url, TOKEN, tokenizer=tok, **kw) as rc:
+        engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=3)
+        remote = engine.generate(reqs, ms, max_new_tokens=20)
+        engine.close()
+    assert [g.token_ids for g in remote] == [g.token_ids for g in local]
+    assert [g.finish for g in remote] == [g.finish for g in local]
+    assert remote.stats.speculation["drafted"] > 0

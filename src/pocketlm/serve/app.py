@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
 from ..steer.cloud.in_process import eos_ids
-from ..steer.cloud.wire import FORMATS, MAX_TOPK, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
+from ..steer.cloud.wire import FORMATS, MAX_TOPK, MAX_VERIFY, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
 from .batcher import BATCH_BUCKETS, Batcher, ServeError, Session, Work
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,16 @@ class SteerServer:
         op, lim, V = msg["op"], self.limits, self.vocab_rows
         if op == "step":
             return op, {"ids": _ints(msg.get("ids"), "ids", 0, V)}
+        if op == "verify":
+            ids = msg.get("ids")
+            if not isinstance(ids, list) or not ids or len(ids) > lim.max_rows:
+                raise ServeError(400, "verify: ids must be one list of ids per live row")
+            rows = [_ints(i, "ids", 0, V) for i in ids]
+            if not 1 <= len(rows[0]) <= MAX_VERIFY or any(len(r) != len(rows[0]) for r in rows):
+                raise ServeError(400, f"verify: every row needs the same number of ids, 1..{MAX_VERIFY}")
+            return op, {"ids": rows}
+        if op == "rewind":
+            return op, {"drop": _ints(msg.get("drop"), "drop", 0, MAX_VERIFY)}
         if op == "keep":
             rows = _ints(msg.get("rows"), "rows", 0, lim.max_rows)
             if any(b <= a for a, b in zip(rows, rows[1:], strict=False)):
@@ -95,17 +105,20 @@ class SteerServer:
             rows = _ints(msg.get("rows"), "rows", 0, lim.max_rows)
             if not rows:
                 raise ServeError(400, f"{op}: rows must name at least one live row")
+            position = msg.get("position")
+            if position is not None and (type(position) is not int or not 0 <= position < MAX_VERIFY):
+                raise ServeError(400, f"{op}: position must be an integer in 0..{MAX_VERIFY - 1}")
             if op == "full":
-                return op, {"rows": rows}
+                return op, {"rows": rows, "position": position}
             if op == "more":
                 depth = msg.get("depth")
                 if type(depth) is not int or not 1 <= depth < V:
                     raise ServeError(400, f"more: depth must be an integer in 1..{V - 1}")
-                return op, {"rows": rows, "depth": depth}
+                return op, {"rows": rows, "depth": depth, "position": position}
             ids = msg.get("ids")
             if not isinstance(ids, list) or len(ids) != len(rows):
                 raise ServeError(400, "exact: ids must be one list of ids per row")
-            return op, {"rows": rows, "ids": [_ints(i, "ids", 0, V) for i in ids]}
+            return op, {"rows": rows, "ids": [_ints(i, "ids", 0, V) for i in ids], "position": position}
         prompts = msg.get("prompts")
         if not isinstance(prompts, list) or not prompts or len(prompts) > lim.max_rows:
             raise ServeError(400, f"prompts must be a list of 1..{lim.max_rows} token-id lists")

@@ -41,10 +41,12 @@ class Session:
     id: int
     slots: list[int] = field(default_factory=list)
     fmt: str = "f32"
-    budget: int = 0  # steps left
+    budget: int = 0  # new tokens a row may hold (max_new_tokens of the open)
+    used: list[int] = field(default_factory=list)  # new tokens each live row holds (a rewind gives some back)
     topk: int | None = None     # the top-k downlink: k, the columns it ranks, and this step's full rows
     columns: int = 0
     last: torch.Tensor | None = None  # [live rows, columns] fp32 on the CPU, for `exact` / `full`
+    verified: torch.Tensor | None = None  # [live rows, T, columns]: the last verify's rows, for `position=`
 
     def encode(self, logits: torch.Tensor) -> bytes:
         """This session's frame of next-token logits `[rows, V]` (a top-k session keeps the rows for `exact`)."""
@@ -53,10 +55,18 @@ class Session:
         self.last = logits[:, : self.columns].float().cpu()
         return encode_topk(truncate(self.last, self.topk))
 
+    def encode_verify(self, logits: torch.Tensor) -> bytes:
+        """A verify's frame: `[rows, T, V]` flattened row-major (row i's position j at i*T + j)."""
+        n, t = logits.shape[:2]
+        if self.topk is None:
+            return encode_scores(logits.reshape(n * t, -1), self.fmt)
+        self.verified = logits[:, :, : self.columns].float().cpu()
+        return encode_topk(truncate(self.verified.reshape(n * t, -1), self.topk))
+
 
 @dataclass
 class Work:
-    kind: str          # open | step | keep | exact | more | full | close
+    kind: str          # open | step | verify | rewind | keep | exact | more | full | close
     session: Session
     args: dict
     future: Future = field(default_factory=Future)
@@ -141,7 +151,7 @@ class Batcher:
                 return
             steps = []
             for w in items:
-                if w.kind == "step":
+                if w.kind in ("step", "verify"):  # one batched forward, whatever each row appends
                     steps.append(w)
                     continue
                 self._settle(w, getattr(self, f"_{w.kind}"), w)
@@ -178,6 +188,7 @@ class Batcher:
         if len(rows) > self.pool.free:
             raise ServeError(503, f"server full: {len(rows)} rows asked, {self.pool.free} free")
         s.slots, s.fmt, s.budget = self.pool.take(len(rows)), a["format"], a["max_new_tokens"]
+        s.used = [0] * len(rows)
         s.topk, s.columns, s.last = a.get("topk"), a.get("columns") or 0, None
         self.sessions[s.id] = s
         self.stats.sessions_opened += 1
@@ -197,16 +208,36 @@ class Batcher:
         kept = set(rows)
         self.pool.give_back([slot for r, slot in enumerate(s.slots) if r not in kept])
         s.slots = [s.slots[r] for r in rows]
+        s.used = [s.used[r] for r in rows]
         if s.last is not None:
             s.last = s.last[rows]
+        if s.verified is not None:
+            s.verified = s.verified[rows]
+
+    def _rewind(self, w: Work) -> None:
+        s, drop = w.session, w.args["drop"]
+        if not s.slots:
+            raise ServeError(404, "rewind: no open session on this connection")
+        if len(drop) != len(s.slots):
+            raise ServeError(400, f"rewind: {len(drop)} counts for {len(s.slots)} live rows")
+        try:
+            self.pool.rewind(s.slots, drop)
+        except PocketLMError as e:
+            raise ServeError(400, f"rewind: {e}") from None
+        s.used = [u - d for u, d in zip(s.used, drop, strict=True)]
 
     def _rows_of_last(self, w: Work) -> torch.Tensor:
-        s, rows = w.session, w.args["rows"]
+        """The scores `exact` / `more` / `full` read: the last step's, or position j of the last verify."""
+        s, rows, position = w.session, w.args["rows"], w.args.get("position")
         if not s.slots or s.last is None:
             raise ServeError(404, f"{w.kind}: no open top-k session on this connection")
         if max(rows) >= len(s.slots):
             raise ServeError(400, f"{w.kind}: row {max(rows)} out of range for {len(s.slots)} live rows")
-        return s.last
+        if position is None:
+            return s.last
+        if s.verified is None or position >= s.verified.shape[1]:
+            raise ServeError(400, f"{w.kind}: no verified position {position}")
+        return s.verified[:, position]
 
     def _exact(self, w: Work) -> bytes:
         last = self._rows_of_last(w)
@@ -235,11 +266,11 @@ class Batcher:
     def _check_step(self, w: Work) -> None:
         s, ids = w.session, w.args["ids"]
         if not s.slots:
-            raise ServeError(404, "step: no open session on this connection")
+            raise ServeError(404, f"{w.kind}: no open session on this connection")
         if len(ids) != len(s.slots):
-            raise ServeError(400, f"step: {len(ids)} ids for {len(s.slots)} live rows")
-        if s.budget <= 0:
-            raise ServeError(400, "step: the session's max_new_tokens is used up")
+            raise ServeError(400, f"{w.kind}: {len(ids)} ids for {len(s.slots)} live rows")
+        if max(s.used) + (len(ids[0]) if w.kind == "verify" else 1) > s.budget:
+            raise ServeError(400, f"{w.kind}: the session's max_new_tokens is used up")
 
     def _settle_steps(self, steps: list[Work]) -> None:
         ok = []
@@ -252,9 +283,9 @@ class Batcher:
         if not ok:
             return
         slots = [slot for w in ok for slot in w.session.slots]
-        ids = [i for w in ok for i in w.args["ids"]]
+        ids = [i if w.kind == "verify" else [i] for w in ok for i in w.args["ids"]]
         try:
-            logits = self.pool.step(slots, ids)
+            logits = self.pool.extend(slots, ids)
         except Exception as e:
             log.exception("batched step of %d rows failed", len(slots))
             for w in ok:
@@ -265,6 +296,11 @@ class Batcher:
         start = 0
         for w in ok:
             n = len(w.session.slots)
-            w.session.budget -= 1
-            self._settle(w, w.session.encode, logits[start:start + n])
+            if w.kind == "verify":
+                t = len(w.args["ids"][0])
+                w.session.used = [u + t for u in w.session.used]
+                self._settle(w, w.session.encode_verify, logits[start:start + n, :t])
+            else:
+                w.session.used = [u + 1 for u in w.session.used]
+                self._settle(w, w.session.encode, logits[start:start + n, 0])
             start += n

@@ -18,7 +18,8 @@ import logging
 import torch
 
 from ..errors import PocketLMError
-from ..steer.streams.llama_step import decode, static_unsupported, store_prefill
+from ..steer.cloud.wire import MAX_VERIFY
+from ..steer.streams.llama_step import causal_bias, decode, static_unsupported, store_prefill
 from ..steer.streams.prefill import prefill_one
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class KVPool:
         cfg = model.config
         self.head_dim, self.kv_heads = self.inner.layers[0].self_attn.head_dim, cfg.num_key_value_heads
         self.slots, self.capacity = slots, capacity
-        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        self.pad_slots = MAX_VERIFY  # spare slots the padding of a mixed step/verify batch may write into
+        shape = (slots, self.kv_heads, capacity + self.pad_slots, self.head_dim)
         kw = dict(dtype=self.inner.embed_tokens.weight.dtype, device=self.device)
         self.k = [torch.zeros(shape, **kw) for _ in self.inner.layers]
         self.v = [torch.zeros(shape, **kw) for _ in self.inner.layers]
@@ -78,26 +80,40 @@ class KVPool:
     @torch.inference_mode()
     def step(self, slots: list[int], ids: list[int]) -> torch.Tensor:
         """Append `ids[i]` to slot `slots[i]` (one forward for all) and return the next logits `[n, V]`."""
+        return self.extend(slots, [[i] for i in ids])[:, 0]
+
+    @torch.inference_mode()
+    def extend(self, slots: list[int], ids: list[list[int]]) -> torch.Tensor:
+        """Append the ids of `ids[i]` to slot `slots[i]`, rows of different lengths in one forward (a step is one
+        id, a verify a chosen id and a draft); the logits after each `[n, T, V]` (T = the longest; a shorter
+        row's extra positions are padding: scored, not kept, and overwritten by the row's next ids)."""
+        t = max(len(r) for r in ids)
         pos = [self.length[s] for s in slots]
-        if max(pos) >= self.capacity:
+        if max(p + len(r) for p, r in zip(pos, ids, strict=True)) > self.capacity:
             raise PocketLMError(f"a row reached the pool's {self.capacity}-token capacity")
         rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        tok = torch.tensor(ids, dtype=torch.long, device=self.device).view(-1, 1)
-        at = torch.tensor(pos, dtype=torch.long, device=self.device)
-        out = self._decode(rows, tok, at, max(pos) + 1)
-        for s in slots:
-            self.length[s] += 1
+        tok = torch.tensor([r + [r[-1]] * (t - len(r)) for r in ids], dtype=torch.long, device=self.device)
+        at = torch.tensor(pos, dtype=torch.long, device=self.device).view(-1, 1) + torch.arange(t, device=self.device)
+        at = at.clamp_max(self.capacity + self.pad_slots - 1)  # padding of a full row writes the spare slots
+        out = self._decode(rows, tok, at, int(at.max()) + 1)
+        for s, r in zip(slots, ids, strict=True):
+            self.length[s] += len(r)
         return out
 
-    def _decode(self, rows: torch.Tensor, tok: torch.Tensor, at: torch.Tensor, span: int) -> torch.Tensor:
-        n = rows.numel()
-        filled = torch.arange(span, device=self.device).unsqueeze(0) <= at.unsqueeze(1)  # [n, span]
-        bias = torch.zeros(n, 1, 1, span, dtype=torch.float32, device=self.device)
-        bias = bias.masked_fill(~filled[:, None, None, :], float("-inf"))
+    def rewind(self, slots: list[int], drop: list[int]) -> None:
+        """Forget the last `drop[i]` ids of slot `slots[i]` (a rejected draft): the next ids overwrite them."""
+        for s, d in zip(slots, drop, strict=True):
+            if d > self.length[s]:
+                raise PocketLMError(f"rewind of {d} ids on a row holding {self.length[s]}")
+            self.length[s] -= d
 
-        def write(i, k, v):  # each row at its own position
-            self.k[i][rows, :, at] = k[:, :, 0]
-            self.v[i][rows, :, at] = v[:, :, 0]
+    def _decode(self, rows: torch.Tensor, tok: torch.Tensor, at: torch.Tensor, span: int) -> torch.Tensor:
+        n, t = tok.shape
+        bias = causal_bias(torch.ones(n, span, dtype=torch.bool, device=self.device), at[:, 0], t)
+
+        def write(i, k, v):  # each row at its own positions
+            self.k[i][rows.view(n, 1), :, at] = k.transpose(1, 2)
+            self.v[i][rows.view(n, 1), :, at] = v.transpose(1, 2)
             return self.k[i][:, :, :span][rows], self.v[i][:, :, :span][rows]
 
-        return decode(self.model, tok, at.view(n, 1), bias, write, self.kv_heads)[:, -1, :]
+        return decode(self.model, tok, at, bias, write, self.kv_heads)

@@ -33,7 +33,7 @@ from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
 from .fusion.rules import StepView
 from .overlap import Overlap
 from .plan import DecodePlan, Generation, Sampling
-from .speculative import MAX_SPECULATE, Speculation, SpeculativeRound, acceptance, draft_lengths
+from .speculative import Speculation, SpeculativeRound, acceptance, draft_lengths
 from .stats import GenerateStats, Generations
 from .streams.device import DevicePrompt, DeviceScores, DeviceStreams
 from .streams.kvmode import KV_MODES
@@ -194,7 +194,7 @@ class SteerEngine:
                      ignore_eos: bool) -> Generations:
         """Rounds of draft -> verify -> accept (speculative.py); the first token comes from the prefill's scores."""
         cloud, device = self.cloud, self._device_streams_for_run()
-        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + MAX_SPECULATE)
+        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts))
         rnd = SpeculativeRound(self, plan, self.speculation, sampling, gen, drafts, on_token, ignore_eos,
                                max_new_tokens)
         t_decode = self.clock.start_decode()

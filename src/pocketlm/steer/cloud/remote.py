@@ -132,6 +132,17 @@ class RemoteCloud:
         self._send(wire.op("step", ids=token_ids.view(-1).tolist()))
         return self._scores()
 
+    def extend(self, token_ids: torch.Tensor) -> list:
+        """One `verify` round trip: T ids per live row up, T score rows per live row down (every format)."""
+        b, t = token_ids.shape
+        self._send(wire.op("verify", ids=token_ids.tolist()))
+        scores = self._scores()
+        index = torch.arange(b) * t
+        return [scores[index + j] for j in range(t)]
+
+    def rewind(self, drop: torch.Tensor) -> None:
+        self._send(wire.op("rewind", drop=drop.view(-1).tolist()))
+
     def keep(self, rows: torch.Tensor) -> None:
         self._send(wire.op("keep", rows=rows.view(-1).tolist()))
 
@@ -168,22 +179,26 @@ class RemoteTopK(Truncating, RemoteCloud):
     def _open_fields(self) -> dict:
         return {"format": wire.TOPK, "topk": self.k, "columns": self.columns}
 
-    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
+    @staticmethod
+    def _at(position: int | None) -> dict:
+        return {} if position is None else {"position": int(position)}
+
+    def exact(self, rows: list[int], ids: list[list[int]], position: int | None = None) -> list[torch.Tensor]:
         if not self.ask:
             raise NotCertifiable("candidate ids stay on the device (topk:K:noexact)")
-        self._send(wire.op("exact", rows=list(rows), ids=[list(map(int, i)) for i in ids]))
+        self._send(wire.op("exact", rows=list(rows), ids=[list(map(int, i)) for i in ids], **self._at(position)))
         flat = self._scores().view(-1)
         return list(flat.split([len(i) for i in ids]))
 
-    def more(self, rows: list[int], depth: int) -> TopKLogits:
-        self._send(wire.op("more", rows=list(rows), depth=int(depth)))
+    def more(self, rows: list[int], depth: int, position: int | None = None) -> TopKLogits:
+        self._send(wire.op("more", rows=list(rows), depth=int(depth), **self._at(position)))
         top = self._scores()
         if not isinstance(top, TopKLogits):
             raise RemoteCloudError("step server answered 'more' without a top-k frame")
         return top
 
-    def full(self, rows: list[int]) -> torch.Tensor:
+    def full(self, rows: list[int], position: int | None = None) -> torch.Tensor:
         if not self.ask:
             raise NotCertifiable("full rows are not fetched with topk:K:noexact")
-        self._send(wire.op("full", rows=list(rows)))
+        self._send(wire.op("full", rows=list(rows), **self._at(position)))
         return self._scores()

@@ -6,10 +6,13 @@ JSON text ops and the server answers `open` and `step` with one binary scores fr
   up    {"op": "open", "prompts": [[id, ...], ...], "expand": [i, ...] | null, "max_new_tokens": n, "format": "f32"}
         {"op": "open", ..., "format": "topk", "topk": k, "columns": n}   the certified top-k downlink
         {"op": "step", "ids": [id, ...]}        one chosen id per live row
+        {"op": "verify", "ids": [[id, ...], ...]}   T ids per live row (a chosen id + a draft): T score rows each
+        {"op": "rewind", "drop": [d, ...]}      forget each live row's last d ids (a rejected draft; no reply)
         {"op": "keep", "rows": [r, ...]}        strictly increasing live-row indices (no reply)
         {"op": "exact", "rows": [r, ...], "ids": [[id, ...], ...]}   topk only: this step's exact logits of a few ids
         {"op": "more", "rows": [r, ...], "depth": d}   topk only: this step's d best ids (a top-k frame)
         {"op": "full", "rows": [r, ...]}        topk only: this step's full rows (exact sampling)
+        exact / more / full take "position": j to ask about position j of the last verify instead of the step
         {"op": "close"}                         end the session (no reply); a new `open` may follow
   down  binary: HEADER (magic, version, format code, rows, cols) + payload; errors: JSON {"error", "code"}
 
@@ -17,7 +20,8 @@ The uplink is token ids and session operations only (the privacy audit test pars
 payload format is named by the client at `open`: full-vocabulary `f32` (exact, the default), `f16` or `bf16`
 (half the bytes; greedy choices may flip at near-ties), or `topk`: per row the k best ids (int32) and their
 logits (f32) over the first `columns` columns, then the (k+1)-th logit (the bound no other id exceeds) and the
-row's logsumexp (f32), about 8k + 8 bytes per row instead of 4V. The device certifies its greedy choice from
+row's logsumexp (f32), about 8k + 8 bytes per row instead of 4V. A verify's frame holds B*T rows, live row
+i's position j at row i*T + j. The device certifies its greedy choice from
 that and asks `exact` for the few ids it cannot rule out (`steer/certify.py`); answers to `exact` / `full` are
 `f32` frames (`exact`: one row of all asked ids in order).
 """
@@ -40,7 +44,8 @@ HEADER = struct.Struct("<4sHHII")  # magic, protocol, format code, rows, cols
 FORMATS = {"f32": (1, torch.float32), "f16": (2, torch.float16), "bf16": (3, torch.bfloat16)}
 _BY_CODE = {code: (name, dtype) for name, (code, dtype) in FORMATS.items()}
 TOPK, TOPK_CODE, MAX_TOPK = "topk", 4, 4096
-OPS = ("open", "step", "keep", "exact", "more", "full", "close")
+OPS = ("open", "step", "verify", "rewind", "keep", "exact", "more", "full", "close")
+MAX_VERIFY = 33  # ids per row in one verify: a chosen token and a draft of up to 32
 
 
 class RemoteCloudError(PocketLMError):
