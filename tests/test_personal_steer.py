@@ -45,7 +45,8 @@ def test_adapters_switch_per_row_in_one_forward(base, tmp_path):
         off = base[0](input_ids=ids).logits
     assert torch.allclose(mixed[0], on[0], atol=1e-5)
     assert torch.allclose(mixed[1:], off[1:], atol=1e-5)
-    assert all(m.row_mask is None for m in personal.modules() if hasattr(m, "row_mask"))  # nothing left behind
+    layers = [m for m in personal.modules() if hasattr(m, "ctx")]
+    assert layers and all(m.ctx.rows is None for m in layers)  # nothing left behind
 
 
 @pytest.mark.parametrize("kv", ["dynamic", "static"])
