@@ -179,3 +179,46 @@ def test_bad_speculation_settings_are_refused(pair):
             SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok, speculate=bad)
     with pytest.raises(PocketLMError, match="draft policy"):
         Speculation(2, "oracle")
+
+
+def test_eval_steer_reports_drafts_and_leakage_over_everything_sent(pair, tmp_path):
+    from pocketlm.data.steering import SteerExample
+    from pocketlm.eval.steer_eval import evaluate
+
+    cloud, device, tok = pair
+    examples = [SteerExample(f"r{i}", q.query, q.private, "a reference text", "cogenesis")
+                for i, q in enumerate(_requests(2))]
+    ms = parse_methods("cloud,closed_form@2")
+    eng = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok, speculate=4)
+    doc = evaluate(eng, examples, ms, max_new_tokens=12, json_out=tmp_path / "res.json")
+    row = doc["methods"]["closed_form@2"]
+    assert row["drafted_per_token"] > 0
+    sent, out = row["leak_sent"], row["leak"]
+    assert sent["longest_copy_words"] >= out["longest_copy_words"]  # outputs are among what was sent
+    rec = doc["examples"][0]["outputs"]["closed_form@2"]
+    assert rec["drafted_tokens"] > 0 and isinstance(rec["rejected_drafts"], list)
+    plain = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok)
+    assert "leak_sent" not in evaluate(plain, examples[:1], ms, max_new_tokens=4)["methods"]["closed_form@2"]
+
+
+def test_a_cloud_that_cannot_verify_decodes_without_speculation(pair, caplog):
+    cloud, device, tok = pair
+
+    class StepOnly:  # a backend with no multi-token append (as the OpenAI-compatible one, for now)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name in ("extend", "rewind"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    eng = SteerEngine(StepOnly(HFCloudBackend(cloud, tok)), tok, device, tok, speculate=4)
+    ref = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok).generate(_requests(1), parse_methods("closed_form"),
+                                                                            max_new_tokens=8)
+    with caplog.at_level("WARNING"):
+        out = eng.generate(_requests(1), parse_methods("closed_form"), max_new_tokens=8)
+    assert out[0].token_ids == ref[0].token_ids and out.stats.speculation is None
+    assert "cannot verify" in caplog.text
+    with pytest.raises(PocketLMError, match="specsteer needs a cloud that verifies"):
+        eng.generate(_requests(1), parse_methods("specsteer"), max_new_tokens=4)

@@ -38,10 +38,24 @@ def leak_summary(texts: list[str], examples: list[SteerExample]) -> dict:
             "context_word_share": fmean(1.0 if r["context_words"] else 0.0 for r in reports)}
 
 
+def sent_leak_summary(sent: list[list[str]], examples: list[SteerExample]) -> dict:
+    """`leak_summary` over everything that reached the cloud: per example the output and every rejected
+    speculative draft after the output it followed (each a text); the worst of them counts."""
+    reports = [[leak_report(t, e.private, e.query) for t in texts] for texts, e in zip(sent, examples, strict=False)]
+    if not reports:
+        return {"ngram5_share": 0.0, "longest_copy_words": 0, "context_word_share": 0.0}
+    return {"ngram5_share": fmean(max(r["ngram5_share"] for r in rs) for rs in reports),
+            "longest_copy_words": max(r["longest_copy_words"] for rs in reports for r in rs),
+            "context_word_share": fmean(1.0 if any(r["context_words"] for r in rs) else 0.0 for rs in reports)}
+
+
 def score(methods: list[Method], outputs: dict[str, list[str]], references: list[str],
-          examples: list[SteerExample] | None = None) -> dict:
+          examples: list[SteerExample] | None = None, sent: dict[str, list[list[str]]] | None = None,
+          drafted: dict[str, list[tuple[int, int]]] | None = None) -> dict:
     """`{"methods": {name: {rouge1, rougeL, meteor, n, leak}}, "meteor": {...}}` over the examples done so far
-    (`leak` when the examples, with their private contexts, are given)."""
+    (`leak` when the examples, with their private contexts, are given). Speculative runs (`sent`: per method
+    and example the output plus each rejected draft as sent; `drafted`: (draft tokens sent, output tokens))
+    add `leak_sent` over everything that went up and `drafted_per_token`."""
     ok, reason = meteor_status()
     doc: dict = {"methods": {}, "meteor": {"available": ok, "reason": reason}}
     per: dict[str, list[tuple[float, float]]] = {}  # each example scored once, for the means and the deltas
@@ -53,6 +67,11 @@ def score(methods: list[Method], outputs: dict[str, list[str]], references: list
         row["meteor"] = meteor(preds, refs) if ok else None
         if examples is not None:
             row["leak"] = leak_summary(preds, examples[: len(preds)])
+            if drafted and sum(d for d, _ in drafted.get(m.name, [])):
+                row["leak_sent"] = sent_leak_summary(sent[m.name], examples[: len(preds)])
+        if drafted and sum(d for d, _ in drafted.get(m.name, [])):
+            made = sum(t for _, t in drafted[m.name])
+            row["drafted_per_token"] = sum(d for d, _ in drafted[m.name]) / made if made else 0.0
         doc["methods"][m.name] = row
     if "cloud" in per:
         base = [100 * r1 for r1, _ in per["cloud"]]
@@ -67,7 +86,10 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
              max_new_tokens: int = 128, sampling: Sampling | None = None, json_out: Path | None = None,
              settings: dict | None = None) -> dict:
     outputs: dict[str, list[str]] = {m.name: [] for m in methods}
+    sent: dict[str, list[list[str]]] = {m.name: [] for m in methods}
+    drafted: dict[str, list[tuple[int, int]]] = {m.name: [] for m in methods}
     records: list[dict] = []
+    tok = engine.device_tok
     refs = [e.reference for e in examples]
     t0 = time.perf_counter()
     doc: dict = {}
@@ -79,8 +101,13 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
             outputs[m.name].append(g.text)
             rec["outputs"][m.name] = {"text": g.text, "tokens": len(g.token_ids), "finish": g.finish,
                                       "steered_tokens": g.steered_tokens}
+            rejected = [tok.decode(g.token_ids[:start] + ids, skip_special_tokens=True) for start, ids in g.rejected]
+            if g.drafted_tokens:  # speculative: what else reached the cloud
+                rec["outputs"][m.name].update(drafted_tokens=g.drafted_tokens, rejected_drafts=rejected)
+            sent[m.name].append([g.text, *rejected])
+            drafted[m.name].append((g.drafted_tokens, len(g.token_ids)))
         records.append(rec)
-        doc = score(methods, outputs, refs, examples)
+        doc = score(methods, outputs, refs, examples, sent, drafted)
         doc.update(settings or {})
         doc.update(examples_done=i + 1, examples_planned=len(examples),
                    elapsed_s=round(time.perf_counter() - t0, 1), examples=records)

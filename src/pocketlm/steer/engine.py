@@ -151,6 +151,12 @@ class SteerEngine:
         if max_new_tokens < 1:
             raise PocketLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         drafts = draft_lengths(methods, self.speculation, sampling) if self.cloud is not None else [0] * len(methods)
+        if any(drafts) and not hasattr(self.cloud, "extend"):  # e.g. an OpenAI-compatible server (no verify yet)
+            if any(getattr(m.rule, "accepts", None) for m in methods):
+                raise PocketLMError(f"specsteer needs a cloud that verifies drafts; {type(self.cloud).__name__} "
+                                    "does not (use the step server or an in-process cloud)")
+            log.warning("--speculate is off: %s cannot verify a draft in one call", type(self.cloud).__name__)
+            drafts = [0] * len(methods)
         plan = DecodePlan(requests, methods, self.device_tok, drafting=any(drafts))
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")
