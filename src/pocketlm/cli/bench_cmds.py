@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
@@ -14,13 +13,19 @@ from ..bench.train_bench import bench_train
 from ..errors import PocketLMError
 from ..jsonfile import write_json
 from .app import bench_app, console
-from .options import BatchOpt, DeviceOpt, DtypeOpt, ExpertsOpt, JsonOutOpt, PathsOpt, SeqOpt, int_list
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+from .common import hardware, machine, show
+from .options import (
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ExpertsOpt,
+    JsonOutOpt,
+    PathsOpt,
+    SeqOpt,
+    int_list,
+    key_values,
+    str_list,
+)
 
 
 @bench_app.command("train")
@@ -38,14 +43,12 @@ def bench_train_cmd(
     json_out: JsonOutOpt = None,
 ) -> None:
     """Median training-step time of single-LoRA vs mixture (fused and reference) on one model and batch."""
+    e_list, p_list = list(int_list(experts, "--experts")), str_list(paths, "--paths")
     base, _ = load_bench_model(model, device=device, dtype=dtype)
-    doc = bench_train(base, experts=[int(e) for e in experts.split(",")], paths=tuple(paths.split(",")),
-                      batch=batch, seq=seq, steps=steps, warmup=warmup, peft=peft)
-    doc.update(model=model, hardware=hardware(), torch=torch.__version__)
-    console.print(train_table(doc, f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on "
-                                   f"{doc['hardware']}"))
-    if json_out:
-        write_json(doc, json_out)
+    doc = bench_train(base, experts=e_list, paths=p_list, batch=batch, seq=seq, steps=steps, warmup=warmup, peft=peft)
+    doc.update(model=model, **machine())
+    show(train_table(doc, f"training step, {model}, batch {batch} x {seq}, {doc['dtype']} on {doc['hardware']}"),
+         doc, json_out)
 
 
 def train_table(doc: dict, title: str) -> Table:
@@ -92,11 +95,8 @@ def bench_gpu_cmd(
     from ..bench.gpu_suite import markdown, run_suite
     from ..bench.gpu_suite import size as suite_size
 
-    def split(text, cast=str):
-        return None if text is None else tuple(cast(x.strip()) for x in text.split(",") if x.strip())
-
-    s = suite_size(size, train_models=split(models), experts=split(experts, int), paths=split(paths),
-                   kv_modes=split(kv), methods=methods, budget=budget)
+    s = suite_size(size, train_models=str_list(models, "--models"), experts=int_list(experts, "--experts"),
+                   paths=str_list(paths, "--paths"), kv_modes=str_list(kv, "--kv"), methods=methods, budget=budget)
     doc = run_suite(s, device)
     write_json(doc, json_out)
     md = markdown(doc)
@@ -121,11 +121,17 @@ def bench_memory_cmd(
     """Exact training-step activation memory at a real geometry, computed on the meta device (no GPU needed)."""
     from ..bench.memory import bench_memory, meta_model
 
-    doc = bench_memory(meta_model(model, dtype), experts=[int(e) for e in experts.split(",")],
-                       paths=tuple(paths.split(",")), batch=batch, seq=seq)
+    e_list, p_list = list(int_list(experts, "--experts")), str_list(paths, "--paths")
+    doc = bench_memory(meta_model(model, dtype), experts=e_list, paths=p_list, batch=batch, seq=seq)
     doc.update(model=model, torch=torch.__version__)
-    table = Table(title=f"training-step memory, {model}, batch {batch} x {seq}, {doc['dtype']} "
-                        f"(weights {_gb(doc['weights_bytes'])})")
+    show(_memory_table(doc, f"training-step memory, {model}, batch {batch} x {seq}, {doc['dtype']} "
+                            f"(weights {_gb(doc['weights_bytes'])})"), doc, json_out)
+    console.print("resident at backward = weights + adapters, their gradients and AdamW moments + saved activations;"
+                  " a GPU's peak adds backward's transient buffers")
+
+
+def _memory_table(doc: dict, title: str) -> Table:
+    table = Table(title=title)
     for col in ("experts", "path", "saved activations", "x single LoRA", "per-user state", "resident at backward"):
         table.add_column(col, justify="right")
     s = doc["single_lora"]
@@ -134,11 +140,7 @@ def bench_memory_cmd(
     for r in doc["results"]:
         table.add_row(str(r["experts"]), r["path"], _gb(r["saved_activation_bytes"]), f"{r['activation_ratio']:.2f}",
                       _mb(r["per_user_bytes"]), _gb(r["resident_at_backward_bytes"]))
-    console.print(table)
-    console.print("resident at backward = weights + adapters, their gradients and AdamW moments + saved activations;"
-                  " a GPU's peak adds backward's transient buffers")
-    if json_out:
-        write_json(doc, json_out)
+    return table
 
 
 def _gb(n) -> str:
@@ -154,8 +156,6 @@ def bench_fl_overhead_cmd(
     json_out: JsonOutOpt = None,
 ) -> None:
     """Seconds per round: in-process simulation vs a Flower deployment on loopback (same work)."""
-    from pathlib import Path
-
     from ..bench.fl_bench import overhead
     from ..collab import load_config
 
@@ -176,17 +176,12 @@ def bench_fl_scale_cmd(
     json_out: JsonOutOpt = None,
 ) -> None:
     """Flower's simulation engine: time per round and peak memory vs the number of virtual users (tiny model)."""
-    from pathlib import Path
-
     from ..bench.fl_bench import scale
 
     train = {"model": "tiny-llama", "rounds": 1, "local_steps": 1, "batch_size": 1, "seq_len": 16,
-             "router_every": 1, "router_steps": 1}
-    for o in overrides:
-        k, v = o.split("=", 1)
-        train[k.strip()] = v
+             "router_every": 1, "router_steps": 1, **key_values(overrides, "--set")}
     rows = []
-    for n in [int(u) for u in users.split(",")]:
+    for n in int_list(users, "--users"):
         rows.append(scale(train, n, Path(out) / f"scale-{n}"))
         console.print(rows[-1])
     doc = {"hardware": hardware(), "train": train, "rows": rows}
@@ -212,16 +207,24 @@ def bench_openai_cmd(
 
     k_list = int_list(ks, "--ks")
     if server is None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise PocketLMError('starting a llama.cpp server needs llama-cpp-python: pip install '
-                                '"llama-cpp-python[server]" (or pass --server)') from None
+        _require_llama_cpp()
     doc = bench_openai(server, local, gguf=gguf, ks=k_list, tokens=tokens, requests=requests, methods=methods,
                        prompt=prompt)
-    doc.update(hardware=hardware(), torch=torch.__version__)
-    table = Table(title=f"OpenAI-compatible cloud: {doc['cloud']} / device {local}, {methods}, greedy, "
-                        f"on {doc['hardware']}")
+    doc.update(**machine())
+    show(_openai_table(doc, f"OpenAI-compatible cloud: {doc['cloud']} / device {local}, {methods}, greedy, "
+                            f"on {doc['hardware']}"), doc, json_out)
+
+
+def _require_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise PocketLMError('starting a llama.cpp server needs llama-cpp-python: pip install '
+                            '"llama-cpp-python[server]" (or pass --server)') from None
+
+
+def _openai_table(doc: dict, title: str) -> Table:
+    table = Table(title=title)
     for col in ("K", "prompts", "certified by top-K", "ids asked/token", "uncertified", "excluded",
                 "requests/token", "step round trip ms", "ms/token", "bytes up/token", "bytes down/token",
                 "same as widest K"):
@@ -232,6 +235,4 @@ def bench_openai_cmd(
                       f"{r['step_round_trip_ms']:.0f}",
                       f"{r['ms_per_token']:.0f}", f"{r['bytes_up_per_token']:,.0f}",
                       f"{r['bytes_down_per_token']:,.0f}", f"{r['identical_to_widest']}/{r['generations']}")
-    console.print(table)
-    if json_out:
-        write_json(doc, json_out)
+    return table

@@ -12,17 +12,8 @@ from ..eval import per_user_perplexity
 from ..jsonfile import write_json
 from ..models import load_model
 from .app import app, console
+from .common import summary_table
 from .options import DeviceOpt, DtypeOpt
-
-
-def summary_table(summary: dict[str, dict[str, int]], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("user")
-    for split in ("train", "val", "test"):
-        table.add_column(f"{split} tokens", justify="right")
-    for user, row in summary.items():
-        table.add_row(user, *(f"{row[s]:,}" for s in ("train", "val", "test")))
-    return table
 
 
 def ppl_table(ppl: dict[str, float], title: str) -> Table:

@@ -17,9 +17,8 @@ from ..collab import Workspace, compare, load_config
 from ..data import token_summary
 from ..jsonfile import write_json
 from .app import app, console
-from .data_cmds import summary_table
-from .options import DeviceOpt, MaxCopyOpt
-from .train_cmds import compare_table, write_plots
+from .common import compare_table, summary_table, write_plots
+from .options import DeviceOpt, MaxCopyOpt, str_list
 
 DEMO_CONTEXT = ("I am Giulia, a retired sailor from Genoa. I always answer in a cheerful tone, I love the sea, "
                 "boats and seafood, and I end every message with a short proverb about the sea.")
@@ -50,23 +49,28 @@ def demo_cmd(
         "local_steps": local_steps, "batch_size": batch_size, "seq_len": seq_len, "router_every": local_steps, "router_steps": 2,
         "eval_every": rounds, "seed": seed, "device": device, "out_dir": str(out / "{strategy}"),
     })
-    ws = Workspace.load(cfg)
-    n_params = sum(p.numel() for p in ws.base.parameters()) / 1e6
-    console.print(f"[bold]model[/] {model}: {n_params:.1f}M parameters (frozen; users train LoRA experts)")
-    console.print(summary_table(token_summary(ws.data), f"users of {corpus} (in-distribution splits)"))
-    names = ["pretrained", *[s.strip() for s in strategies.split(",") if s.strip()]]
-    console.print(f"training {', '.join(names[1:])}: {rounds} rounds x {local_steps} steps of "
-                  f"{batch_size} x {cfg.seq_len} tokens per user")
-    doc = compare(ws, names)
-    write_json(doc, out / "compare.json")
-    console.print(compare_table(doc["strategies"], "test perplexity per user (lower is better)"))
-    for p in write_plots(doc["histories"], out, "demo: fortunes users"):
-        console.print(f"plot: {p}")
+    names = ["pretrained", *str_list(strategies, "--strategies")]
+    _train_demo(cfg, names, out)
     if steer:
         _steer_demo(model, device, max_copy)
         if "1g1s" in names:
             _personal_demo(model, out / "1g1s", device, personal_kappa)
     console.print(f"done in {time.time() - t0:.0f}s")
+
+
+def _train_demo(cfg, names: list[str], out: Path) -> None:
+    """The users, then every strategy trained briefly: one per-user perplexity table, compare.json and PNGs."""
+    ws = Workspace.load(cfg)
+    n_params = sum(p.numel() for p in ws.base.parameters()) / 1e6
+    console.print(f"[bold]model[/] {cfg.model}: {n_params:.1f}M parameters (frozen; users train LoRA experts)")
+    console.print(summary_table(token_summary(ws.data), f"users of {cfg.corpus} (in-distribution splits)"))
+    console.print(f"training {', '.join(names[1:])}: {cfg.rounds} rounds x {cfg.local_steps} steps of "
+                  f"{cfg.batch_size} x {cfg.seq_len} tokens per user")
+    doc = compare(ws, names)
+    write_json(doc, out / "compare.json")
+    console.print(compare_table(doc["strategies"], "test perplexity per user (lower is better)"))
+    for p in write_plots(doc["histories"], out, "demo: fortunes users"):
+        console.print(f"plot: {p}")
 
 
 def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
@@ -110,11 +114,8 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     the adapters alone (`weights`) do not yet."""
     from ..eval.personal_eval import language_target
     from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
-    from ..models import load_model
-    from ..moe.personal import load_personal
-    from ..steer.cloud.in_process import HFCloudBackend
-    from ..steer.engine import SteerEngine, SteerRequest
-    from ..steer.fusion.methods import get_method
+    from ..eval.personal_runs import PersonalEngines
+    from ..steer import SteerRequest, get_method
 
     users = [u for u in ("de", "it") if (run / "users" / u).is_dir()]
     if not users:
@@ -122,15 +123,13 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     console.print(f"\n[bold]Personal steering[/]: each user's CoMiGS model from this run ({run}) steers the cloud "
                   "with its adapters and a private one-sentence profile; the cloud sees only the prompt")
     console.print(f"[dim]prompt (goes to the cloud):[/] {PERSONAL_PROMPT}")
-    base, tok = load_model(model, device=device)
-    cloud = HFCloudBackend(base, tok)
+    engines = PersonalEngines.load(model, run / "users", device=device)
     steer = get_method(f"closed_form@{kappa:g}").with_signal("both")
     for i, user in enumerate(users):
-        engine = SteerEngine(cloud, tok, load_personal(base, run / "users" / user), tok)
         lang = LANGUAGE_NAMES[user]
         req = SteerRequest.with_context(PERSONAL_PROMPT, language_target(user, lang).profile)
         methods = [get_method("cloud"), steer] if i == 0 else [steer]
-        gens = engine.generate([req] * len(methods), methods, max_new_tokens=48)
+        gens = engines(user).generate([req] * len(methods), methods, max_new_tokens=48)
         if i == 0:
             console.print(f"[bold]cloud alone:[/] {gens[0].text.strip()}  [dim](language: {language_of(gens[0].text)})[/]")
         text = gens[-1].text.strip()

@@ -15,6 +15,7 @@ import typer
 from ..collab.config import TrainConfig, load_config
 from ..errors import PocketLMError
 from .app import app, console
+from .options import key_values
 
 fl_app = typer.Typer(help="CoMiGS across devices with Flower: a SuperLink, one SuperNode per device, runs.",
                      no_args_is_help=True)
@@ -65,6 +66,16 @@ def supernode_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the Flower command and stop."),
 ) -> None:
     """Start a Flower SuperNode for one device."""
+    from ..collab.flower.commands import supernode_argv
+
+    node_config = _node_config(state, user, partition, experts, audit_log)
+    _exec(supernode_argv(superlink=superlink, port=port, node_config=node_config,
+                         root_certificates=root_certificates, auth_key=auth_key), dry_run)
+
+
+def _node_config(state: Path, user: Path | None, partition: int | None, experts: int | None,
+                 audit_log: Path | None) -> str:
+    """The SuperNode's `--node-config` string: paths made absolute, exactly one of its own data or a partition."""
     if (user is None) == (partition is None):
         raise PocketLMError("give exactly one of --user DIR (the device's own data) or --partition N")
     cfg = {"state-dir": str(state.expanduser().resolve())}
@@ -76,11 +87,7 @@ def supernode_cmd(
         cfg["experts"] = experts
     if audit_log is not None:
         cfg["audit-log"] = str(audit_log.expanduser().resolve())
-    node_config = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={_toml_str(v)}" for k, v in cfg.items())
-    from ..collab.flower.commands import supernode_argv
-
-    _exec(supernode_argv(superlink=superlink, port=port, node_config=node_config,
-                         root_certificates=root_certificates, auth_key=auth_key), dry_run)
+    return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={_toml_str(v)}" for k, v in cfg.items())
 
 
 @fl_app.command("certs")
@@ -138,7 +145,7 @@ def run_config_toml(config: Path | None, overrides: list[str]) -> str:
     train = [o for o in overrides if o not in fl]
     cfg = load_config(config, train)
     lines = [f"{f.name} = {_toml_value(getattr(cfg, f.name))}" for f in dataclasses.fields(TrainConfig)]
-    flvals = dict((x.strip() for x in o.split("=", 1)) for o in fl)
+    flvals = key_values(fl, "--set")
     _, st = settings(flvals)     # validates the federation keys
     for key, f in FL_KEYS.items():
         if key in flvals:

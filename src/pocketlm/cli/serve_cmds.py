@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import typer
 from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import PocketLMError
-from ..jsonfile import write_json
-from .app import app, bench_app, console
-from .bench_cmds import hardware
+from .app import app, bench_app
+from .common import machine, require_serve_extra, set_threads, show
 from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
-from .steer_cmds import _threads
 
 log = logging.getLogger(__name__)
-
-
-def _serve_imports():
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-        import websockets  # noqa: F401
-    except ImportError as e:
-        raise PocketLMError(f"the step server needs the serve extra: pip install 'pocketlm[serve]' ({e.name})") from None
 
 
 @app.command("serve")
@@ -45,11 +33,25 @@ def serve_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Serve next-token scores over WebSocket: sessions of token ids in, one score frame per step out."""
-    _serve_imports()
+    require_serve_extra()
     import uvicorn
 
-    from ..serve import Limits, create_app
+    from ..serve import create_app
     from ..serve.runner import uvicorn_config
+
+    limits = _limits(slots, max_rows, max_prompt_tokens, max_new_tokens, ttl)
+    set_threads(threads)
+    m, tok = load_bench_model(model, device=device, dtype=dtype)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
+    asgi = create_app(m, tok, name=model, token=token, limits=limits)
+    log.info("step server for %s on http://%s:%d (WebSocket %s)", model, host, port, "/v1/steer")
+    uvicorn.Server(uvicorn_config(asgi, limits, host, port, log_level="info")).run()
+
+
+def _limits(slots: int, max_rows: int, max_prompt_tokens: int, max_new_tokens: int, ttl: float):
+    """The server's limits, each checked by its option's name."""
+    from ..serve import Limits
 
     for name, v in (("slots", slots), ("max-rows", max_rows), ("max-prompt-tokens", max_prompt_tokens),
                     ("max-new-tokens", max_new_tokens)):
@@ -57,15 +59,8 @@ def serve_cmd(
             raise PocketLMError(f"--{name} must be >= 1, got {v}")
     if ttl <= 0:
         raise PocketLMError(f"--ttl must be > 0, got {ttl}")
-    _threads(threads)
-    limits = Limits(slots=slots, max_rows=min(max_rows, slots), max_prompt_tokens=max_prompt_tokens,
-                    max_new_tokens=max_new_tokens, ttl_s=ttl)
-    m, tok = load_bench_model(model, device=device, dtype=dtype)
-    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
-    asgi = create_app(m, tok, name=model, token=token, limits=limits)
-    log.info("step server for %s on http://%s:%d (WebSocket %s)", model, host, port, "/v1/steer")
-    uvicorn.Server(uvicorn_config(asgi, limits, host, port, log_level="info")).run()
+    return Limits(slots=slots, max_rows=min(max_rows, slots), max_prompt_tokens=max_prompt_tokens,
+                  max_new_tokens=max_new_tokens, ttl_s=ttl)
 
 
 @bench_app.command("serve")
@@ -83,23 +78,25 @@ def bench_serve_cmd(
 ) -> None:
     """Plain and steered decoding through a loopback step server vs in process; 1 vs N concurrent sessions;
     bytes per token up and down."""
-    _serve_imports()
+    require_serve_extra()
     from ..bench.serve_bench import bench_serve
 
-    _threads(threads)
+    set_threads(threads)
     doc = bench_serve(cloud, local, tokens=tokens, context_tokens=context_tokens, sessions=sessions,
                       repeats=repeats, device=device, dtype=dtype, threads=threads)
-    doc.update(hardware=hardware(), torch=torch.__version__)
-    table = Table(title=f"step server on loopback, cloud {cloud} / device {local}, {tokens} tokens, {dtype} "
-                        f"on {doc['hardware']}")
+    doc.update(**machine())
+    show(_serve_table(doc, f"step server on loopback, cloud {cloud} / device {local}, {tokens} tokens, {dtype} "
+                           f"on {doc['hardware']}"), doc, json_out)
+
+
+def _serve_table(doc: dict, title: str) -> Table:
+    table = Table(title=title)
     for col in ("configuration", "tok/s", "ratio", "bytes up/token", "bytes down/token"):
         table.add_column(col, justify="right")
     for name, r in doc["rows"].items():
         table.add_row(name, f"{r['tok_s']:.2f}", f"{r['ratio']:.3f}" if r.get("ratio") else "-",
                       str(r.get("up_per_token", "-")), str(r.get("down_per_token", "-")))
-    console.print(table)
-    if json_out:
-        write_json(doc, json_out)
+    return table
 
 
 @bench_app.command("downlink")
@@ -115,15 +112,19 @@ def bench_downlink_cmd(
     json_out: JsonOutOpt = None,
 ) -> None:
     """Bytes per token and certification of the top-k downlink vs full f32 rows (tokens must be identical)."""
-    _serve_imports()
+    require_serve_extra()
     from ..bench.downlink_bench import bench_downlink
 
-    _threads(threads)
+    set_threads(threads)
     k_list = int_list(ks, "--ks")
     doc = bench_downlink(cloud, local, ks=k_list, tokens=tokens, methods=methods, device=device, dtype=dtype)
-    doc.update(hardware=hardware(), torch=torch.__version__)
-    table = Table(title=f"downlink, cloud {cloud} / device {local} ({doc['vocab_rows']} rows), {methods}, greedy, "
-                        f"on {doc['hardware']}")
+    doc.update(**machine())
+    show(_downlink_table(doc, f"downlink, cloud {cloud} / device {local} ({doc['vocab_rows']} rows), {methods}, "
+                              f"greedy, on {doc['hardware']}"), doc, json_out)
+
+
+def _downlink_table(doc: dict, title: str) -> Table:
+    table = Table(title=title)
     for col in ("format", "identical to f32", "bytes down/token", "÷ f32", "bytes up/token", "certified by top-k",
                 "ids asked/token"):
         table.add_column(col, justify="right")
@@ -132,6 +133,4 @@ def bench_downlink_cmd(
                       f"{r['down_ratio_vs_f32']:.4f}", f"{r['up_per_token']:,.0f}",
                       f"{r['certified_share']:.1%}" if "certified_share" in r else "-",
                       f"{r['exact_ids_per_token']:.2f}" if "exact_ids_per_token" in r else "-")
-    console.print(table)
-    if json_out:
-        write_json(doc, json_out)
+    return table

@@ -5,41 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ..collab import Workspace, compare, get_strategy, load_config, run_strategy
 from ..data import token_summary
-from ..eval.report import plot_ppl_curves, plot_routing
 from ..jsonfile import write_json
 from .app import app, console
-from .data_cmds import summary_table
+from .common import compare_table, summary_table, write_plots
+from .options import str_list
 
 CONFIG_HELP = "TOML config (e.g. configs/fortunes-id.toml); defaults are the official hyper-parameters."
 SET_HELP = "Override any config key, e.g. --set rounds=2 --set experts=2,3,3,1 (repeatable)."
-
-
-def compare_table(strategies: dict[str, dict], title: str) -> Table:
-    table = Table(title=title)
-    table.add_column("user")
-    for name in strategies:
-        table.add_column(name, justify="right")
-    users = list(next(iter(strategies.values()))["per_user_ppl"])
-    for user in [*users, "mean"]:
-        vals = [s["mean_ppl"] if user == "mean" else s["per_user_ppl"][user] for s in strategies.values()]
-        best = min(vals)
-        cells = [f"[bold green]{v:.2f}[/]" if v == best else f"{v:.2f}" for v in vals]
-        table.add_row(f"[bold]{user}[/]" if user == "mean" else user, *cells)
-    return table
-
-
-def write_plots(histories: dict[str, list[dict]], out_dir: Path, title: str) -> list[Path]:
-    """ppl-vs-round for all strategies; a routing heatmap for each strategy with a router."""
-    paths = [plot_ppl_curves(histories, out_dir / "ppl_vs_round.png", title)]
-    for name, hist in histories.items():
-        routing = next((e["routing"] for e in reversed(hist) if e.get("routing")), None)
-        if routing:
-            paths.append(plot_routing(routing, out_dir / f"routing_{name}.png", f"{title}: {name}"))
-    return paths
 
 
 @app.command("train")
@@ -75,7 +50,7 @@ def compare_cmd(
 ) -> None:
     """Run several strategies on the same base and splits; print the per-user perplexity table."""
     cfg = load_config(config, overrides)
-    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    names = str_list(strategies, "--strategies")
     for name in names:  # fail before hours of training, not in the middle
         get_strategy(name)
     ws = Workspace.load(cfg)
