@@ -6,7 +6,9 @@ from . import (  # noqa: F401  (registration side effects)
     demo,
     fl_cmds,
     personal_cmds,
+    routing_cmds,
     serve_cmds,
+    spec_cmds,
     steer_cmds,
     train_cmds,
 )

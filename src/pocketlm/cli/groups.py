@@ -26,6 +26,7 @@ from ..errors import DataError, PocketLMError
 from ..steer import Method, Sampling, SteerEngine, load_engine
 from ..steer.fusion.guards import build_guards
 from ..steer.fusion.leak_guard import parse_front_matter
+from ..steer.speculative import Speculation
 from .common import set_threads
 from .options import (
     CloudLogprobsOpt,
@@ -33,6 +34,7 @@ from .options import (
     CloudPromptOpt,
     CloudTokenOpt,
     DeviceOpt,
+    DraftOpt,
     DtypeOpt,
     KvOpt,
     LocalOpt,
@@ -42,6 +44,7 @@ from .options import (
     OverlapOpt,
     ProtectOpt,
     SeedOpt,
+    SpeculateOpt,
     TemperatureOpt,
     ThreadsOpt,
     TopPOpt,
@@ -67,10 +70,16 @@ class EngineOptions:
     cloud_token: CloudTokenOpt = None
     cloud_logprobs: CloudLogprobsOpt = 20
     cloud_prompt: CloudPromptOpt = "auto"
+    speculate: SpeculateOpt = 0
+    draft: DraftOpt = "fused"
+
+    @property
+    def speculation(self) -> Speculation:
+        return Speculation(self.speculate, self.draft)
 
     def decoding(self) -> dict:
         """The `SteerEngine` settings, for a command that wraps models it loaded itself (eval-personal)."""
-        return {"vocab": self.vocab, "kv": self.kv, "overlap": bool(self.overlap)}
+        return {"vocab": self.vocab, "kv": self.kv, "overlap": bool(self.overlap), "speculate": self.speculation}
 
     def load(self, *, personal: PersonalOptions | None = None, downlink: DownlinkOptions | None = None,
              **library) -> SteerEngine:
@@ -80,7 +89,8 @@ class EngineOptions:
                            kv=self.kv, overlap=self.overlap, cloud_token=self.cloud_token,
                            cloud_logprobs=self.cloud_logprobs, cloud_prompt=self.cloud_prompt,
                            adapters=personal.adapter_dir if personal else None,
-                           cloud_format=downlink.cloud_format if downlink else "f32", **library)
+                           cloud_format=downlink.cloud_format if downlink else "f32",
+                           speculate=self.speculation, **library)
 
 
 @dataclass(frozen=True)

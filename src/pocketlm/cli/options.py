@@ -29,6 +29,13 @@ VocabOpt = Annotated[str, typer.Option(help="shared (same tokenizer) | intersect
 OverlapOpt = Annotated[bool, typer.Option(
     help="Run the cloud step in a worker thread while the device streams step (same tokens; default: on for a "
          "step server).")]
+SpeculateOpt = Annotated[int, typer.Option(
+    "--speculate", min=0, max=32,
+    help="Speculative steering: the device drafts up to K tokens, the cloud checks them in one round trip; the "
+         "output is exactly the non-speculative one (greedy: the same tokens). 0 = off.")]
+DraftOpt = Annotated[str, typer.Option(
+    "--draft", help="Draft policy for --speculate: fused (each method's device-only stand-in) | ctx (the device "
+                    "with the context).")]
 KvOpt = Annotated[str, typer.Option(
     help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
          "torch.compile first) | dynamic (HF) | auto (static where supported).")]

@@ -102,7 +102,8 @@ def eval_steer_cmd(
                 "ids": [e.id for e in examples] if ids else None, "max_new_tokens": decode.max_new_tokens,
                 "temperature": decode.temperature, "top_p": decode.top_p, "seed": decode.seed, "dtype": engine.dtype,
                 "vocab": engine.vocab, "kv": engine.kv, "hardware": hw["hardware"], "guards": [g.name for g in gs],
-                "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms}, "torch": hw["torch"]}
+                "methods": [m.name for m in ms], "kappas": {m.name: _kappa_desc(m) for m in ms}, "torch": hw["torch"],
+                "speculate": engine.speculate, "draft": engine.draft}
     doc = evaluate(eng, examples, ms, max_new_tokens=decode.max_new_tokens, sampling=sampling, json_out=json_out,
                    settings={"settings": settings})
     _print_scores(doc, f"eval-steer on {data.name}: {len(examples)} rows, {decode.max_new_tokens} new tokens max")

@@ -11,6 +11,7 @@ from .cloud.in_process import HFCloudBackend
 from .cloud.openai import is_openai
 from .cloud.wire import TOPK, is_remote, topk_of
 from .engine import SteerEngine
+from .speculative import Speculation
 
 
 def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, dtype: str | None = None,
@@ -18,7 +19,7 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
                 overlap: bool | None = None, kv: str = "auto", cloud_token: str | None = None,
                 cloud_format: str = "f32", adapters: str | None = None, cloud_logprobs: int = 20,
-                cloud_prompt: str = "auto") -> SteerEngine:
+                cloud_prompt: str = "auto", speculate: Speculation | int = 0) -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
     knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
     One spec for both roles loads one model.
@@ -26,7 +27,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`): the device becomes that user's
     personal model (the base tensors stay shared with the cloud when both specs name one model).
     `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
-    downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up)."""
+    downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up).
+    `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`."""
     if is_remote(cloud_spec) or is_openai(cloud_spec):
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
@@ -45,7 +47,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
             else:
                 cloud = RemoteCloud(cloud_spec, token, tokenizer=dev_tok, format=cloud_format)
         return SteerEngine(cloud, dev_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
-                           slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv)
+                           slice_to_tokenizer=slice_to_tokenizer, overlap=True if overlap is None else overlap, kv=kv,
+                           speculate=speculate)
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
     if local_spec == cloud_spec:
         dev_model, dev_tok = cloud_model, cloud_tok  # demo: one model plays both roles; streams stay separate
@@ -55,4 +58,4 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         dev_model = load_personal(dev_model, adapters)
     cloud = HFCloudBackend(cloud_model, cloud_tok, kv="auto")
     return SteerEngine(cloud, cloud_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
-                       slice_to_tokenizer=slice_to_tokenizer, overlap=bool(overlap), kv=kv)
+                       slice_to_tokenizer=slice_to_tokenizer, overlap=bool(overlap), kv=kv, speculate=speculate)

@@ -1,0 +1,51 @@
+"""`pocketlm bench spec`: speculative steering over a simulated WAN (a delay proxy on loopback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .app import bench_app
+from .common import machine, require_serve_extra, set_threads, show
+from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
+
+
+@bench_app.command("spec")
+def bench_spec_cmd(
+    cloud: str = typer.Option("smollm2-135m", help="Cloud spec (served by a `pocketlm serve` child process)."),
+    local: str = typer.Option("smollm2-135m", help="Device spec (the same tokenizer)."),
+    rtt: str = typer.Option("0,50,100,200", "--rtt", help="Round-trip times to simulate, ms (comma list)."),
+    ks: str = typer.Option("2,4,8", help="Draft lengths for --speculate (comma list)."),
+    tokens: int = typer.Option(48, help="New tokens per generation at most (greedy)."),
+    prompts: int = typer.Option(3, min=1, max=4, help="Built-in prompts with a private profile (1..4)."),
+    kappa: float = typer.Option(1.0, help="kappa of closed_form (and SpecSteer's beta is its own default 1)."),
+    cloud_format: str = typer.Option("f32", help="Downlink: f32 | f16 | bf16 | topk[:K]."),
+    overlap: bool = typer.Option(True, help="Overlap the device's last draft step with the verify in flight."),
+    plot: Path = typer.Option(None, help="Write a PNG of tok/s against RTT."),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    json_out: JsonOutOpt = None,
+) -> None:
+    """tok/s of the cloud alone, closed_form, closed_form --speculate K and SpecSteer at each RTT; tokens per
+    round trip, acceptance, bytes per token, identical greedy tokens; a projection to GPU cloud step times."""
+    require_serve_extra()
+    from ..bench.spec_bench import bench_spec, plot_spec, spec_table
+
+    set_threads(threads)
+    doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
+                     prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
+                     threads=threads)
+    doc.update(**machine())
+    table = Table(title=f"speculative steering over a simulated WAN: {local} drafting for {cloud}, {cloud_format}, "
+                        f"{tokens} tokens x {prompts} prompts, overlap {'on' if overlap else 'off'}, on {doc['hardware']}")
+    for col in ("configuration", "RTT ms", "tok/s", "vs closed_form", "tokens/round trip", "acceptance",
+                "bytes up/token", "bytes down/token", "identical"):
+        table.add_column(col, justify="right")
+    for row in spec_table(doc):
+        table.add_row(*row)
+    show(table, doc, json_out)
+    if plot:
+        plot_spec(doc, plot)
