@@ -157,6 +157,9 @@ class SteerEngine:
                                     "does not (use the step server or an in-process cloud)")
             log.warning("--speculate is off: %s cannot verify a draft in one call", type(self.cloud).__name__)
             drafts = [0] * len(methods)
+        if any(drafts) and not getattr(self.cloud, "round_trips", True):
+            log.info("--speculate saves cloud round trips; this in-process cloud has none to save, and verifying a "
+                     "draft costs extra compute: expect no gain here (BENCHMARKS.md, speculative steering)")
         plan = DecodePlan(requests, methods, self.device_tok, drafting=any(drafts))
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")

@@ -173,14 +173,13 @@ class SpeculativeRound:
         emitted = torch.tensor([len(plan.gens[r].token_ids) for r in plan.live.tolist()], dtype=torch.long)
         budget = torch.minimum(self.k_of[plan.live], (self.max_new - emitted - 1).clamp_min(0))
         self.stats["row_rounds"] += n
-        if prefilled is None:
-            self.stats["rounds"] += 1
         no_drafts = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
         if int(budget.max()) == 0:  # nobody drafts: one ordinary step
             if prefilled is not None:
                 return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
             cl, dev = e.clock.step(cloud, e.align.to_cloud(z), device, e.align.to_device(z).to(self.dev_device),
                                    e.overlap)
+            self.stats["rounds"] += 1
             return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
         self._last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
         dev0 = self._timed_device(device, e.align.to_device(z)) if prefilled is None else prefilled[1]

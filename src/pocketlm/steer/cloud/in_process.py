@@ -38,6 +38,8 @@ class HFCloudBackend:
     stream per mode is kept, so a static stream's buffers and graphs survive from one generation to the next.
     """
 
+    round_trips = False  # no network between the engine and this cloud (speculation has nothing to save)
+
     def __init__(self, model, tokenizer=None, kv: str = "auto"):
         self.model = model
         self.vocab_rows = model.get_output_embeddings().weight.shape[0]

@@ -8,6 +8,10 @@ stop that on the device, after any fusion rule:
   context (and not in the public prompt, which the cloud has anyway) appear in the output.
 - `Protect(words)`: a protected word (any casing, however the tokenizer splits it) is never completed in the
   output; a prefix may be written, the token that would complete the word is refused.
+- `ProtectNames(extra)`: `Protect` per row for the context's proper names (`proper_names`): a name is short
+  enough to slip under any `MaxCopy` and says the most about a person.
+
+`private_by_default()` is what the commands run unless told `--no-guard`.
 
 Both look at the decoded text of the tail of the output, so any tokenization of a word is caught.
 """
@@ -20,6 +24,7 @@ from ...errors import PocketLMError
 from .leakage import ngrams, words
 
 TAIL_TOKENS_PER_WORD = 4
+DEFAULT_MAX_COPY = 8     # the project measured that this cap keeps the ROUGE gain of the steering methods
 
 
 class _TextGuard:
@@ -87,6 +92,57 @@ class Protect(_TextGuard):
     def allows(self, row: int, generated: list[int], token: int) -> bool:
         before, after = self._texts(generated, token)
         return len(self._pattern.findall(after)) <= len(self._pattern.findall(before))
+
+
+class ProtectNames:
+    """`Protect`, per row, for the proper names of that row's private context (and `extra` words) that its
+    public prompt does not contain (the cloud has those anyway)."""
+
+    name = "protect_names"
+
+    def __init__(self, extra=(), rows: list | None = None):
+        self.extra = tuple(extra)
+        self.rows = rows or []
+
+    def start(self, requests, tokenizer) -> ProtectNames:
+        rows = []
+        for r in requests:
+            names = proper_names(r.context, r.query, self.extra)
+            rows.append(Protect(names, tokenizer) if names else None)
+        return ProtectNames(self.extra, rows)
+
+    def allows(self, row: int, generated: list[int], token: int) -> bool:
+        guard = self.rows[row]
+        return guard is None or guard.allows(row, generated, token)
+
+
+_CAPITALISED = re.compile(r"(?<![\w'’])[^\W\d_][\w'’-]*", re.UNICODE)
+_SENTENCE_END = re.compile(r"[.!?…]['\"”’)\]]*\s*$")
+
+
+def proper_names(context: str, query: str = "", extra=()) -> list[str]:
+    """The words of a private context that name someone or something: capitalised in mid-sentence (a sentence's
+    or line's first word is capitalised anyway; the pronoun "I" is not a name), plus the `extra` words (a
+    front matter's `protect:` line); minus those the public prompt contains. Sorted, as written."""
+    public = set(words(query))
+    found: dict[str, str] = {}
+    for line in context.splitlines():
+        for m in _CAPITALISED.finditer(line):
+            w = m.group().rstrip("'’-")
+            before = line[:m.start()]
+            if not w[0].isupper() or len(w) < 2 or not re.search(r"\w", before) or _SENTENCE_END.search(before):
+                continue
+            found.setdefault(w.lower(), w)
+    for w in extra:
+        if w and w.strip():
+            found.setdefault(w.strip().lower(), w.strip())
+    return sorted(w for k, w in found.items() if not set(words(k)) <= public)
+
+
+def private_by_default(max_copy: int | None = None, protect=()) -> list:
+    """The guards every steering command runs unless told `--no-guard`: `MaxCopy(max_copy or 8)` and the
+    context's proper names (plus the front matter's `protect` words) protected."""
+    return [MaxCopy(max_copy or DEFAULT_MAX_COPY), ProtectNames(protect)]
 
 
 def parse_front_matter(text: str) -> tuple[str, list[str]]:
