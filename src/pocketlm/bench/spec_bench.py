@@ -73,10 +73,11 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             spec_stats.append(out.stats.speculation)
     counts = proxy.counts()
     drafted = sum(s["drafted"] for s in spec_stats)
-    rounds = sum(s["row_rounds"] for s in spec_stats)
+    trips = sum(s["row_round_trips"] for s in spec_stats)
+    rounds = sum(s["rounds"] for s in spec_stats)
     return {"tokens": made, "wall_s": wall, "ids": ids,
             "tok_s": made / wall if wall else None,
-            "tokens_per_round_trip": (sum(s["round_tokens"] for s in spec_stats) / rounds) if rounds else 1.0,
+            "tokens_per_round_trip": (sum(s["tokens"] for s in spec_stats) / trips) if trips else 1.0,
             "acceptance": (sum(s["accepted"] for s in spec_stats) / drafted) if drafted else None,
             "drafted_per_round": drafted / rounds if rounds else 0.0,
             "bytes_up_per_token": counts["bytes_up"] / made if made else None,

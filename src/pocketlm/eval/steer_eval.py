@@ -51,11 +51,12 @@ def sent_leak_summary(sent: list[list[str]], examples: list[SteerExample]) -> di
 
 def score(methods: list[Method], outputs: dict[str, list[str]], references: list[str],
           examples: list[SteerExample] | None = None, sent: dict[str, list[list[str]]] | None = None,
-          drafted: dict[str, list[tuple[int, int]]] | None = None) -> dict:
+          drafted: dict[str, list[tuple[int, int, int]]] | None = None) -> dict:
     """`{"methods": {name: {rouge1, rougeL, meteor, n, leak}}, "meteor": {...}}` over the examples done so far
     (`leak` when the examples, with their private contexts, are given). Speculative runs (`sent`: per method
-    and example the output plus each rejected draft as sent; `drafted`: (draft tokens sent, output tokens))
-    add `leak_sent` over everything that went up and `drafted_per_token`."""
+    and example the output plus each rejected draft as sent; `drafted`: (draft tokens sent, output tokens,
+    round trips, the prefill's included)) add `leak_sent` over everything that went up, `drafted_per_token` and
+    `tokens_per_round_trip`."""
     ok, reason = meteor_status()
     doc: dict = {"methods": {}, "meteor": {"available": ok, "reason": reason}}
     per: dict[str, list[tuple[float, float]]] = {}  # each example scored once, for the means and the deltas
@@ -67,11 +68,13 @@ def score(methods: list[Method], outputs: dict[str, list[str]], references: list
         row["meteor"] = meteor(preds, refs) if ok else None
         if examples is not None:
             row["leak"] = leak_summary(preds, examples[: len(preds)])
-            if drafted and sum(d for d, _ in drafted.get(m.name, [])):
+            if drafted and sum(d for d, _, _ in drafted.get(m.name, [])):
                 row["leak_sent"] = sent_leak_summary(sent[m.name], examples[: len(preds)])
-        if drafted and sum(d for d, _ in drafted.get(m.name, [])):
-            made = sum(t for _, t in drafted[m.name])
-            row["drafted_per_token"] = sum(d for d, _ in drafted[m.name]) / made if made else 0.0
+        if drafted and sum(d for d, _, _ in drafted.get(m.name, [])):
+            made = sum(t for _, t, _ in drafted[m.name])
+            row["drafted_per_token"] = sum(d for d, _, _ in drafted[m.name]) / made if made else 0.0
+            trips = sum(r for _, _, r in drafted[m.name])
+            row["tokens_per_round_trip"] = made / trips if trips else None
         doc["methods"][m.name] = row
     if "cloud" in per:
         base = [100 * r1 for r1, _ in per["cloud"]]
@@ -87,7 +90,7 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
              settings: dict | None = None) -> dict:
     outputs: dict[str, list[str]] = {m.name: [] for m in methods}
     sent: dict[str, list[list[str]]] = {m.name: [] for m in methods}
-    drafted: dict[str, list[tuple[int, int]]] = {m.name: [] for m in methods}
+    drafted: dict[str, list[tuple[int, int, int]]] = {m.name: [] for m in methods}
     records: list[dict] = []
     tok = engine.device_tok
     refs = [e.reference for e in examples]
@@ -105,7 +108,7 @@ def evaluate(engine: SteerEngine, examples: list[SteerExample], methods: list[Me
             if g.drafted_tokens:  # speculative: what else reached the cloud
                 rec["outputs"][m.name].update(drafted_tokens=g.drafted_tokens, rejected_drafts=rejected)
             sent[m.name].append([g.text, *rejected])
-            drafted[m.name].append((g.drafted_tokens, len(g.token_ids)))
+            drafted[m.name].append((g.drafted_tokens, len(g.token_ids), g.round_trips))
         records.append(rec)
         doc = score(methods, outputs, refs, examples, sent, drafted)
         doc.update(settings or {})

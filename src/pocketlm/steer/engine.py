@@ -219,6 +219,7 @@ class SteerEngine:
                 device.keep(keep)
                 z = z[keep]
             z, finished = rnd.round(z, cloud, device)
+        rnd.stats["tokens"] = sum(len(g.token_ids) for g in plan.gens)
         return self._finish(plan, (cloud, device), t_decode, speculation=acceptance(rnd.stats))
 
     def _finish(self, plan: DecodePlan, streams, t_decode: float, speculation: dict | None = None) -> Generations:

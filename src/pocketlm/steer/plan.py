@@ -66,6 +66,7 @@ class Generation:
     steered_tokens: int = 0
     guard_rejections: int = 0   # candidate tokens a guard refused
     drafted_tokens: int = 0     # speculative draft tokens sent to the cloud (accepted or not)
+    round_trips: int = 0        # speculative runs: cloud calls this row waited for, the prefill included
     rejected: list = field(default_factory=list)  # (start, device ids): each rejected draft suffix, sent after
     #                                               token_ids[:start] — what reached the cloud besides the output
 

@@ -80,9 +80,11 @@ class SpeculativeRound:
         self.k_of = torch.tensor(lengths, dtype=torch.long)
         self.on_token, self.ignore_eos, self.max_new = on_token, ignore_eos, max_new_tokens
         self.dev_device = next(engine.device_model.parameters()).device
-        # rounds = cloud calls after the prefill; row_rounds / round_tokens: per row, what tokens per round trip
-        # a user sees (a batched call serves every live row)
-        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_rounds": 0, "round_tokens": 0}
+        # rounds = cloud calls after the prefill; row_round_trips: per row, every cloud call it waited for, the
+        # prefill included (a batched call serves every live row); tokens: filled in at the end
+        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_round_trips": len(plan.gens), "tokens": 0}
+        for g in plan.gens:
+            g.round_trips = 1  # the prefill
 
     # -- one decision at one position ----------------------------------------------------------------
     def decide(self, answer, dev: DeviceScores, pos: torch.Tensor, source, drafted=None):
@@ -172,14 +174,13 @@ class SpeculativeRound:
         e, plan, n = self.e, self.plan, self.plan.live.numel()
         emitted = torch.tensor([len(plan.gens[r].token_ids) for r in plan.live.tolist()], dtype=torch.long)
         budget = torch.minimum(self.k_of[plan.live], (self.max_new - emitted - 1).clamp_min(0))
-        self.stats["row_rounds"] += n
         no_drafts = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
         if int(budget.max()) == 0:  # nobody drafts: one ordinary step
             if prefilled is not None:
                 return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
             cl, dev = e.clock.step(cloud, e.align.to_cloud(z), device, e.align.to_device(z).to(self.dev_device),
                                    e.overlap)
-            self.stats["rounds"] += 1
+            self._called()
             return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
         self._last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
         dev0 = self._timed_device(device, e.align.to_device(z)) if prefilled is None else prefilled[1]
@@ -193,13 +194,20 @@ class SpeculativeRound:
             ids[short, lead + j] = ids[short, lead + j - 1] if lead + j > 0 else self._last_real[short]
         last = e.align.to_device(ids[:, -1]).to(self.dev_device)
         cl, dev_last = e.clock.step(cloud, e.align.to_cloud(ids), device, last, e.overlap, cloud_op="extend")
-        self.stats["rounds"] += 1
+        self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
             plan.gens[r].drafted_tokens += int(lengths[p])
         answers = cl if prefilled is None else [prefilled[0]] + cl
         return self._verify(answers, dev_seq + [dev_last], drafts, lengths, q_seq, cloud, device,
                             offset=0 if prefilled is None else 1)
+
+    def _called(self) -> None:
+        """One cloud call served every live row."""
+        self.stats["rounds"] += 1
+        self.stats["row_round_trips"] += self.plan.live.numel()
+        for r in self.plan.live.tolist():
+            self.plan.gens[r].round_trips += 1
 
     def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int):
         """Decide positions 0..K' in order (`answers[j]`: the cloud after the j-th kept token; answers before
@@ -235,7 +243,6 @@ class SpeculativeRound:
                 rejected = e.align.to_device(drafts[p, a:length]).tolist()
                 plan.gens[r].rejected.append((starts[p] + a, rejected))
         self.stats["accepted"] += int(accepted.sum())
-        self.stats["round_tokens"] += sum(len(plan.gens[r].token_ids) for r in plan.live.tolist()) - sum(starts)
         if k_used:
             drop = (k_used - accepted).clamp_min(0)
             cloud.rewind(drop)
@@ -280,11 +287,11 @@ class SpeculativeRound:
 
 
 def acceptance(stats: dict) -> dict:
-    """Summary numbers of a speculative run: the share of draft tokens accepted, and the tokens a row gained
-    per cloud round trip after the prefill (1.0 without speculation)."""
+    """Summary numbers of a speculative run: the share of draft tokens accepted, and the tokens a row got per
+    cloud round trip it waited for, the prefill's included (1.0 without speculation)."""
     out = dict(stats)
     out["acceptance"] = stats["accepted"] / stats["drafted"] if stats["drafted"] else None
-    out["tokens_per_round_trip"] = stats["round_tokens"] / stats["row_rounds"] if stats["row_rounds"] else None
+    out["tokens_per_round_trip"] = stats["tokens"] / stats["row_round_trips"] if stats["row_round_trips"] else None
     return out
 
 
