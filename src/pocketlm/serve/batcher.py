@@ -55,13 +55,24 @@ class Session:
         self.last = logits[:, : self.columns].float().cpu()
         return encode_topk(truncate(self.last, self.topk))
 
-    def encode_verify(self, logits: torch.Tensor) -> bytes:
-        """A verify's frame: `[rows, T, V]` flattened row-major (row i's position j at i*T + j)."""
+    def encode_verify(self, logits: torch.Tensor, ids: list[list[int]]) -> bytes:
+        """A verify's frame: `[rows, T, V]` flattened row-major (row i's position j at i*T + j). In the top-k
+        format each position also carries the exact score of the draft token sent after it (`ids[i][j + 1]`):
+        the token the device will most likely choose there, so its certification needs no extra ask."""
         n, t = logits.shape[:2]
         if self.topk is None:
             return encode_scores(logits.reshape(n * t, -1), self.fmt)
         self.verified = logits[:, :, : self.columns].float().cpu()
-        return encode_topk(truncate(self.verified.reshape(n * t, -1), self.topk))
+        flat = self.verified.reshape(n * t, -1)
+        top = truncate(flat, min(self.topk + 1, self.columns - 1))  # k + 1 distinct ids, bound the (k + 2)-th
+        nxt = torch.tensor([r[j + 1] if j + 1 < t else -1 for r in ids for j in range(t)])
+        present = (top.ids == nxt.unsqueeze(1)).any(1)
+        swap = ((nxt >= 0) & (nxt < self.columns) & ~present).nonzero().flatten()
+        if swap.numel():  # the (k + 1)-th gives way to the draft token; the bound goes back to the (k + 1)-th
+            top.bound[swap] = top.scores[swap, -1]
+            top.ids[swap, -1] = nxt[swap]
+            top.scores[swap, -1] = flat[swap, nxt[swap]]
+        return encode_topk(top)
 
 
 @dataclass
@@ -299,7 +310,7 @@ class Batcher:
             if w.kind == "verify":
                 t = len(w.args["ids"][0])
                 w.session.used = [u + t for u in w.session.used]
-                self._settle(w, w.session.encode_verify, logits[start:start + n, :t])
+                self._settle(w, w.session.encode_verify, logits[start:start + n, :t], w.args["ids"])
             else:
                 w.session.used = [u + 1 for u in w.session.used]
                 self._settle(w, w.session.encode, logits[start:start + n, 0])

@@ -21,7 +21,9 @@ payload format is named by the client at `open`: full-vocabulary `f32` (exact, t
 (half the bytes; greedy choices may flip at near-ties), or `topk`: per row the k best ids (int32) and their
 logits (f32) over the first `columns` columns, then the (k+1)-th logit (the bound no other id exceeds) and the
 row's logsumexp (f32), about 8k + 8 bytes per row instead of 4V. A verify's frame holds B*T rows, live row
-i's position j at row i*T + j. The device certifies its greedy choice from
+i's position j at row i*T + j; in the top-k format each position lists k + 1 ids: the k best and the draft token
+sent after it (exactly scored, so accepting it needs no `exact` ask), or the k + 1 best when the draft is among
+them (the bound is then the (k + 2)-th). The device certifies its greedy choice from
 that and asks `exact` for the few ids it cannot rule out (`steer/certify.py`); answers to `exact` / `full` are
 `f32` frames (`exact`: one row of all asked ids in order).
 """
