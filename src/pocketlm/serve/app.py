@@ -119,6 +119,11 @@ class SteerServer:
             if not isinstance(ids, list) or len(ids) != len(rows):
                 raise ServeError(400, "exact: ids must be one list of ids per row")
             return op, {"rows": rows, "ids": [_ints(i, "ids", 0, V) for i in ids], "position": position}
+        return op, self._parse_open(msg)
+
+    def _parse_open(self, msg: dict) -> dict:
+        """An `open`'s prompts, expansion, format and budget, checked against the limits."""
+        lim, V = self.limits, self.vocab_rows
         prompts = msg.get("prompts")
         if not isinstance(prompts, list) or not prompts or len(prompts) > lim.max_rows:
             raise ServeError(400, f"prompts must be a list of 1..{lim.max_rows} token-id lists")
@@ -145,7 +150,7 @@ class SteerServer:
         n = msg.get("max_new_tokens", lim.max_new_tokens)
         if type(n) is not int or not 1 <= n <= lim.max_new_tokens:
             raise ServeError(400, f"max_new_tokens must be an integer in 1..{lim.max_new_tokens}")
-        return op, {"prompts": prompts, "expand": expand, "format": fmt, "max_new_tokens": n, "topk": topk,
+        return {"prompts": prompts, "expand": expand, "format": fmt, "max_new_tokens": n, "topk": topk,
                     "columns": columns}
 
     async def serve(self, ws: WebSocket) -> None:

@@ -150,16 +150,7 @@ class SteerEngine:
         sampling = sampling or Sampling()
         if max_new_tokens < 1:
             raise PocketLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        drafts = draft_lengths(methods, self.speculation, sampling) if self.cloud is not None else [0] * len(methods)
-        if any(drafts) and not hasattr(self.cloud, "extend"):  # e.g. an OpenAI-compatible server (no verify yet)
-            if any(getattr(m.rule, "accepts", None) for m in methods):
-                raise PocketLMError(f"specsteer needs a cloud that verifies drafts; {type(self.cloud).__name__} "
-                                    "does not (use the step server or an in-process cloud)")
-            log.warning("--speculate is off: %s cannot verify a draft in one call", type(self.cloud).__name__)
-            drafts = [0] * len(methods)
-        if any(drafts) and not getattr(self.cloud, "round_trips", True):
-            log.info("--speculate saves cloud round trips; this in-process cloud has none to save, and verifying a "
-                     "draft costs extra compute: expect no gain here (BENCHMARKS.md, speculative steering)")
+        drafts = self._draft_lengths(methods, sampling)
         plan = DecodePlan(requests, methods, self.device_tok, drafting=any(drafts))
         if plan.uses_cloud and self.cloud is None:
             raise PocketLMError("these methods need a cloud model")
@@ -198,6 +189,22 @@ class SteerEngine:
                 log.debug("device streams stopped at step %d (no live row needs them)", step)
             cl, dev = self.clock.step(cloud, cloud_ids, device if use_device else None, dev_ids, self.overlap)
         return self._finish(plan, (cloud, device), t_decode)
+
+    def _draft_lengths(self, methods: list[Method], sampling: Sampling) -> list[int]:
+        """Per row, how many tokens the device drafts per round (0: decode one token per cloud call)."""
+        if self.cloud is None:
+            return [0] * len(methods)
+        drafts = draft_lengths(methods, self.speculation, sampling)
+        if any(drafts) and not hasattr(self.cloud, "extend"):  # e.g. an OpenAI-compatible server (no verify yet)
+            if any(getattr(m.rule, "accepts", None) for m in methods):
+                raise PocketLMError(f"specsteer needs a cloud that verifies drafts; {type(self.cloud).__name__} "
+                                    "does not (use the step server or an in-process cloud)")
+            log.warning("--speculate is off: %s cannot verify a draft in one call", type(self.cloud).__name__)
+            return [0] * len(methods)
+        if any(drafts) and not getattr(self.cloud, "round_trips", True):
+            log.info("--speculate saves cloud round trips; this in-process cloud has none to save, and verifying a "
+                     "draft costs extra compute: expect no gain here (BENCHMARKS.md, speculative steering)")
+        return drafts
 
     def _speculative(self, requests, plan: DecodePlan, sampling, gen, drafts, max_new_tokens: int, on_token,
                      ignore_eos: bool) -> Generations:
