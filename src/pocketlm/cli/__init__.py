@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration side effects)
     bench_cmds,
     data_cmds,
     demo,
+    device_cmds,
     fl_cmds,
     personal_cmds,
     routing_cmds,

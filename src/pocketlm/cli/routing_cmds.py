@@ -1,0 +1,34 @@
+"""`pocketlm routing RUN`: token-level routing analysis of a finished run (pocketlm.eval.routing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..eval.routing import analyze_run, plot_routing_buckets, routing_table
+from ..jsonfile import write_json
+from .app import app, console
+
+
+@app.command("routing")
+def routing_cmd(
+    run: Path = typer.Argument(..., help="A run folder of `pocketlm train`/`compare` (history.json + users/)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for routing.json and routing_tokens.png "
+                                                       "(default: the run folder)."),
+    max_tokens: int = typer.Option(None, help="Analyse at most this many test tokens per user."),
+    per_layer: bool = typer.Option(True, help="One table row per layer (else the per-user means only)."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's)."),
+) -> None:
+    """Per user and layer: the gate weight on the specialist for held-out tokens, by how user-specific they are."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    doc = analyze_run(run, max_tokens=max_tokens)
+    console.print(routing_table(doc, per_layer=per_layer))
+    console.print(f"[dim]{doc['definition']}[/]")
+    folder = out or run
+    write_json(doc, folder / "routing.json")
+    png = plot_routing_buckets(doc, folder / "routing_tokens.png")
+    console.print(f"json: {folder / 'routing.json'}; plot: {png}")
