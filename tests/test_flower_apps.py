@@ -41,7 +41,7 @@ def test_flower_rounds_equal_the_simulation_send_nothing_private_and_a_new_run_r
     glob = load_file(str(tmp_path / "out" / "1g1s" / "global.safetensors"))
     assert_matches_simulation(sim, glob, {u: tmp_path / "state" / u for u in USERS})
     # nothing private ever left a node: not as an array, not as a key anywhere in a reply
-    assert len(sent) == 3 * TRAIN["rounds"]
+    assert len(sent) == 3 * (TRAIN["rounds"] + 1)       # the train replies, then each node keeping the final average
     for reply in sent:
         for rec in reply.content.array_records.values():
             assert {param_role(n) for n in rec} <= {"generalist", "attn_lora"}

@@ -51,7 +51,7 @@ def test_deployment_equals_the_simulation_and_sends_nothing_private(fed, tmp_pat
     assert_matches_simulation(sim, glob, {u: fed.root / "state" / u for u in USERS})
     for i in range(3):   # the audit mod wraps everything else: this is what left each device
         sent = [json.loads(line) for line in (fed.root / f"audit{i}.jsonl").read_text().splitlines()]
-        assert len(sent) == TRAIN["rounds"]
+        assert [s["type"] for s in sent] == ["train"] * TRAIN["rounds"] + ["query.global"]
         names = [n for s in sent for rec in s["arrays"].values() for n in rec]
         assert names and {param_role(n) for n in names} <= {"generalist", "attn_lora"}
         assert not any("router" in k or ".experts.1" in k for s in sent for rec in s["configs"].values()

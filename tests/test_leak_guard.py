@@ -135,7 +135,7 @@ def test_eval_steer_reports_leakage(tmp_path):
                                    "--protect", "seafood", "--json", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
-    assert doc["settings"]["guards"] == ["max_copy_3", "protect"]
+    assert doc["settings"]["guards"] == ["max_copy_3", "protect_names", "protect"]
     for r in doc["methods"].values():
         leak = r["leak"]
         assert set(leak) == {"ngram5_share", "longest_copy_words", "context_word_share"}
@@ -149,3 +149,34 @@ def test_demo_steering_part_runs_guarded(capsys):
     _steer_demo("tiny-llama", "cpu", 4)
     out = capsys.readouterr().out
     assert "leak guard: at most 4 words" in out and "longest span copied" in out
+    flat = " ".join(out.split())      # rich wraps long lines
+    steered = flat.split("none of its names): ", 1)[1].split("what reached the cloud", 1)[0].lower()
+    assert "giulia" not in steered and "genoa" not in steered
+
+
+def test_proper_names_are_the_words_capitalised_mid_sentence_and_the_protect_line():
+    from pocketlm.steer.fusion.leak_guard import proper_names
+
+    ctx = "I am Giulia, a retired sailor from Genoa. I love the sea.\nSailing is my life, and Marco and I sail."
+    assert proper_names(ctx, "Write about a free Sunday.") == ["Genoa", "Giulia", "Marco"]
+    assert proper_names(ctx, "Plan a day in Genoa.", ["sea"]) == ["Giulia", "Marco", "sea"]   # the cloud has Genoa
+    # a line's, sentence's or clause's first word, after a colon, bullet or quote, is capitalised anyway
+    assert proper_names("- Loves boats\nName: Anna. \"Hi\", she said to Bruno.", "") == ["Bruno"]
+    assert proper_names("I met Writing people. I like writing.", "") == []       # written in lower case too
+    assert proper_names("", "x") == [] and proper_names("I'm fine. I am.", "") == []
+
+
+def test_the_default_guard_keeps_names_and_long_copies_from_the_cloud(tiny):
+    """What `steer` and `eval-steer` run unless --no-guard, against a cloud that copies the profile verbatim."""
+    from pocketlm.cli.groups import GuardOptions
+
+    profile = "I am Giulia, a retired sailor from Genoa. I love the sea, boats and seafood, and I end every message."
+    eng, steps = _copying_engine(tiny, profile)
+    req = SteerRequest.with_context("Write two sentences about a free Sunday.", profile)
+    gs = GuardOptions().build()
+    assert [g.name for g in gs] == ["max_copy_8", "protect_names"]
+    g = eng.generate([req], [get_method("closed_form").with_guards(*gs)], max_new_tokens=steps, ignore_eos=True)[0]
+    assert longest_copy(g.text, profile, req.query) <= 8 and g.guard_rejections > 0
+    assert not {"giulia", "genoa"} & set(g.text.lower().replace(",", " ").replace(".", " ").split()), g.text
+    assert GuardOptions(no_guard=True).build() == []
+    assert [x.name for x in GuardOptions(no_guard=True, max_copy=3).build(["verbose"])] == ["max_copy_3", "protect"]

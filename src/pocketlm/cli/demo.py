@@ -74,7 +74,7 @@ def _train_demo(cfg, names: list[str], out: Path) -> None:
 
 
 def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
-    from ..steer.fusion.guards import build_guards
+    from ..steer.fusion.leak_guard import private_by_default
     from ..steer.fusion.leakage import leak_report
 
     console.print(f"\n[bold]CoSteer[/]: {model} plays the cloud (sees only the prompt) and the device "
@@ -82,9 +82,9 @@ def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
     console.print(f"[dim]private context (stays on the device):[/] {DEMO_CONTEXT}")
     console.print(f"[dim]prompt (goes to the cloud):[/] {DEMO_PROMPT}")
     plain, steered = steered_vs_plain(model, model, DEMO_CONTEXT, DEMO_PROMPT, max_new_tokens=60, device=device,
-                                      guards=build_guards(max_copy))
+                                      guards=private_by_default(max_copy))
     console.print(f"[bold]cloud alone:[/] {plain.strip()}")
-    guard = f"leak guard: at most {max_copy} words copied from the context" if max_copy else "no leak guard"
+    guard = f"leak guard: at most {max_copy or 8} words copied from the context, none of its names"
     console.print(f"[bold]steered[/] ({guard}): {steered.strip()}")
     leak = leak_report(steered, DEMO_CONTEXT, DEMO_PROMPT)
     console.print(f"[dim]what reached the cloud: longest span copied from the private context "
@@ -94,7 +94,7 @@ def _steer_demo(model: str, device: str | None, max_copy: int | None) -> None:
 def steered_vs_plain(cloud_spec: str, local_spec: str, context: str, prompt: str, max_new_tokens: int = 48,
                      device: str | None = None, method: str = "closed_form", guards=()) -> tuple[str, str]:
     """Return (plain cloud text, steered text) for `prompt`, greedy; the same model may be cloud and device.
-    `guards` (e.g. the leak guard) apply to the steered row. The cloud only receives chat(prompt) token ids."""
+    `guards` (the demo: the default leak guard) apply to the steered row. The cloud only receives chat(prompt) token ids."""
     from ..steer import SteerRequest, get_method, load_engine
 
     engine = load_engine(cloud_spec, local_spec, device=device)
@@ -116,6 +116,7 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
     from ..eval.personal_metrics import LANGUAGE_NAMES, language_of
     from ..eval.personal_runs import PersonalEngines
     from ..steer import SteerRequest, get_method
+    from ..steer.fusion.leak_guard import private_by_default
 
     users = [u for u in ("de", "it") if (run / "users" / u).is_dir()]
     if not users:
@@ -124,7 +125,7 @@ def _personal_demo(model: str, run: Path, device: str | None, kappa: float) -> N
                   "with its adapters and a private one-sentence profile; the cloud sees only the prompt")
     console.print(f"[dim]prompt (goes to the cloud):[/] {PERSONAL_PROMPT}")
     engines = PersonalEngines.load(model, run / "users", device=device)
-    steer = get_method(f"closed_form@{kappa:g}").with_signal("both")
+    steer = get_method(f"closed_form@{kappa:g}").with_signal("both").with_guards(*private_by_default())
     for i, user in enumerate(users):
         lang = LANGUAGE_NAMES[user]
         req = SteerRequest.with_context(PERSONAL_PROMPT, language_target(user, lang).profile)

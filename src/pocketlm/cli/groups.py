@@ -25,7 +25,7 @@ from typer.models import ParameterInfo
 from ..errors import DataError, PocketLMError
 from ..steer import Method, Sampling, SteerEngine, load_engine
 from ..steer.fusion.guards import build_guards
-from ..steer.fusion.leak_guard import parse_front_matter
+from ..steer.fusion.leak_guard import DEFAULT_MAX_COPY, parse_front_matter, private_by_default
 from ..steer.speculative import Speculation
 from .common import set_threads
 from .options import (
@@ -148,17 +148,25 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class GuardOptions:
-    """Guards after any fusion rule: what may be copied from the private context, what never written."""
+    """Guards after any fusion rule: what may be copied from the private context, what never written. Private by
+    default: every written token reaches the cloud, so unless told `--no-guard` at most `--max-copy` (8) words of
+    the context are copied and its proper names are never written (leak_guard.private_by_default)."""
 
     PANEL = "Guards"
     max_copy: MaxCopyOpt = None
     protect: ProtectOpt = None
     no_repeat_ngram: NoRepeatOpt = None
+    no_guard: Annotated[bool, typer.Option(
+        "--no-guard", help=f"Turn off the default leak guard (--max-copy {DEFAULT_MAX_COPY} + the context's proper "
+                           "names protected); an explicit --max-copy / --protect still applies.")] = False
 
     def build(self, protect: Iterable[str] = ()) -> list:
-        """The guards; `protect`: more protected words (a context file's front matter)."""
-        words = [*(str_list(self.protect, "--protect") or ()), *protect]
-        return build_guards(self.max_copy, words, self.no_repeat_ngram)
+        """The guards; `protect`: more protected words (a context file's front matter: under the default guard
+        protected where the public prompt lacks them, like the context's names; with `--no-guard` always)."""
+        words = list(str_list(self.protect, "--protect") or ())
+        if self.no_guard:
+            return build_guards(self.max_copy, [*words, *protect], self.no_repeat_ngram)
+        return [*private_by_default(self.max_copy, protect), *build_guards(None, words, self.no_repeat_ngram)]
 
 
 def read_context(path: Path | None) -> tuple[str, list[str]]:

@@ -13,7 +13,7 @@ from rich.table import Table
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import PocketLMError
 from ..jsonfile import write_json
-from ..steer import METHODS, SteerEngine, SteerRequest, get_method, parse_methods
+from ..steer import METHODS, Generation, SteerEngine, SteerRequest, get_method, parse_methods
 from .app import app, bench_app, console
 from .common import machine, show
 from .groups import (
@@ -47,15 +47,25 @@ def steer_cmd(
     guards: GuardOptions,
 ) -> None:
     """Generate one steered answer, streaming tokens to the terminal (overlap defaults to on for a step server)."""
+    steer_once(prompt, context, method, kappa, engine=engine, personal=personal, downlink=downlink, decode=decode,
+               guards=guards)
+
+
+def steer_once(prompt: str, context: Path | None, method: str, kappa: float | None, *, engine: EngineOptions,
+               personal: PersonalOptions, downlink: DownlinkOptions, decode: SamplingOptions,
+               guards: GuardOptions) -> tuple[Generation, list]:
+    """`steer`'s work (also `device steer`'s): one answer streamed to stdout; returns it and the guards it ran."""
     ctx, protected = read_context(context)
-    m = personal.apply(get_method(method, kappa).with_guards(*guards.build(protected)))
+    gs = guards.build(protected)
+    m = personal.apply(get_method(method, kappa).with_guards(*gs))
     if m.needs_context and not ctx.strip():
         raise PocketLMError(f"method {m.name!r} with signal {personal.signal!r} needs --context FILE")
     sampling = decode.sampling(downlink)
     eng = engine.load(personal=personal, downlink=downlink)
-    eng.generate([SteerRequest.with_context(prompt, ctx)], [m], max_new_tokens=decode.max_new_tokens,
-                 sampling=sampling, on_token=TextStream(eng).on_token)
+    gen = eng.generate([SteerRequest.with_context(prompt, ctx)], [m], max_new_tokens=decode.max_new_tokens,
+                       sampling=sampling, on_token=TextStream(eng).on_token)[0]
     sys.stdout.write("\n")
+    return gen, gs
 
 
 class TextStream:

@@ -6,6 +6,9 @@ base it was trained on). Loading rebuilds the mixture on a structural copy of th
 shared, so a cloud that is the same model is left untouched), loads both parts and puts the model in inference
 mode (the default fused path, no auxiliary loss, no graphs). Runs written before `adapter_config.json` existed
 are read through the run's `history.json` and the tensors' own names and shapes (moe.state reads the files).
+
+A Flower device's state directory (`device.json`, collab.flower.state) is the same personal model: the latest
+global shared parts plus the device's private experts and router.
 """
 
 from __future__ import annotations
@@ -34,13 +37,12 @@ __all__ = ["ADAPTER_CONFIG", "load_personal", "mark_shared"]
 
 def load_personal(base: nn.Module, directory: str | Path) -> nn.Module:
     """The base with one user's adapters (a new module over the same base tensors), ready for decoding."""
-    d = Path(directory)
+    d = Path(directory).expanduser()
     if not d.is_dir():
-        raise PocketLMError(f"adapter directory {d} not found (expected a run's users/<user> folder)")
-    if not (d / SHARED_FILE).is_file() and not (d / PRIVATE_FILE).is_file():
-        raise PocketLMError(f"{d} holds no {SHARED_FILE} / {PRIVATE_FILE}: not a user's adapter folder")
-    state, shared_names = read_parts(d)
-    layout, fingerprint = read_layout(d, state)
+        raise PocketLMError(f"adapter directory {d} not found (expected a run's users/<user> folder or a device "
+                            "state directory)")
+    state, shared_names, run = _read_adapters(d)
+    layout, fingerprint = read_layout(d, state, run)
     check_base(d, fingerprint, base)
     known = {f.name for f in dataclasses.fields(MoEConfig)}
     cfg = MoEConfig(**{k: v for k, v in layout.items() if k in known})
@@ -57,6 +59,20 @@ def load_personal(base: nn.Module, directory: str | Path) -> nn.Module:
         p.requires_grad_(False)
     mark_shared(model, shared_names)
     return model.eval()
+
+
+def _read_adapters(d: Path) -> tuple[dict, set[str], dict | None]:
+    """(adapters, names from the shared part, run settings for a layout without adapter_config.json)."""
+    # the device format belongs to the federation's state module (which imports no Flower)
+    from ..collab.flower import state as device_state
+
+    if device_state.is_device_state(d):
+        dev = device_state.read_device(d)
+        return dev.params, dev.shared_names, dev.meta
+    if not (d / SHARED_FILE).is_file() and not (d / PRIVATE_FILE).is_file():
+        raise PocketLMError(f"{d} holds no {SHARED_FILE} / {PRIVATE_FILE} and no device.json: not a user's adapter "
+                            "folder or a device state")
+    return (*read_parts(d), None)
 
 
 def mark_shared(model: nn.Module, shared_names: set[str]) -> None:

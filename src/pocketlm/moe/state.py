@@ -131,8 +131,9 @@ def _layout_from_tensors(state: dict[str, torch.Tensor], run_config: dict) -> di
             **{k: run_config[k] for k in ("alpha", "top_k", "seed") if k in run_config}}
 
 
-def read_layout(directory: Path, state: dict[str, torch.Tensor]) -> tuple[dict, dict | None]:
-    """(MoEConfig keywords, base fingerprint or None) for the adapters in `directory`."""
+def read_layout(directory: Path, state: dict[str, torch.Tensor], run: dict | None = None) -> tuple[dict, dict | None]:
+    """(MoEConfig keywords, base fingerprint or None) for the adapters in `directory`; without an
+    adapter_config.json from `run` (settings) or the run's history.json, and the tensors."""
     path = directory / ADAPTER_CONFIG
     if path.is_file():
         try:
@@ -140,13 +141,13 @@ def read_layout(directory: Path, state: dict[str, torch.Tensor]) -> tuple[dict, 
             return dict(doc["moe"]), doc.get("base")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise PocketLMError(f"{path} is not a pocketlm adapter config ({e})") from None
-    run = {}
     history = directory.parent.parent / "history.json"
-    if history.is_file():
+    if run is None and history.is_file():
         try:
             run = json.loads(history.read_text()).get("config", {})
         except json.JSONDecodeError:
             raise PocketLMError(f"{history} is corrupt (not JSON)") from None
+    run = run or {}
     log.info("%s has no %s; layout read from the tensors%s", directory, ADAPTER_CONFIG,
              " and " + str(history) if run else "")
     return _layout_from_tensors(state, run), None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -18,13 +18,16 @@ from flwr.compat.common import recorddict_compat as compat
 
 from ...errors import PocketLMError
 from . import task
-from .strategy import ARRAYS, CONFIG, INFO, METRICS
+from .strategy import ARRAYS, CONFIG, FINAL_ACTION, INFO, METRICS
 
 LEGACY_IN = "fitins.parameters"   # how the SecAgg+ workflow sends the arrays (Flower's legacy FitIns layout)
 
 
 def privacy_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's own mods, chosen by the run config: SecAgg+ masking or client-side DP clipping."""
+    """Flower's own mods, chosen by the run config: SecAgg+ masking or client-side DP clipping (train messages
+    only: they are what uploads)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
     _, fl = task.settings(context.run_config)
     if fl.secagg:
         return secaggplus_mod(msg, context, call_next)
@@ -85,3 +88,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     out = node.evaluate(msg.content.array_records[ARRAYS].to_torch_state_dict())
     return Message(RecordDict({METRICS: MetricRecord(out), INFO: ConfigRecord({"user": node.setup.user})}),
                    reply_to=msg)
+
+
+@app.query(FINAL_ACTION)
+def keep_global(msg: Message, context: Context) -> Message:
+    """The server's final average after a run's last round: kept in the private state directory (nothing is sent
+    back but the user's name and whether it was kept)."""
+    node = _node(context)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    kept = node.keep_global(msg.content.array_records[ARRAYS].to_torch_state_dict(),
+                            int(config.get("server-round", 0)))
+    return Message(RecordDict({INFO: ConfigRecord({"user": node.setup.user, "kept": kept})}), reply_to=msg)

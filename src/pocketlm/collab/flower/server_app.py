@@ -2,7 +2,7 @@
 
 Plain mode runs `CoMiGSFedAvg.start` (optionally wrapped in Flower's fixed-clipping DP strategy); `secagg = true`
 runs each round through Flower's SecAgg+ workflow. The final global shared tensors and the history are written to
-the run's `out_dir` (`global.safetensors`, `history.json`).
+the run's `out_dir` (`global.safetensors`, `history.json`), then sent to every node, which keeps it to steer with.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import task
 from .secure import secure_round
-from .strategy import INFO, METRICS, CoMiGSFedAvg, metrics_of, to_record
+from .strategy import INFO, METRICS, CoMiGSFedAvg, deliver_final, metrics_of, to_record
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -90,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
                                     "train_seconds": inner.train_seconds.get(r)}
     history["seconds"] = time.time() - t0
     write_results(Path(cfg.out_dir.replace("{strategy}", cfg.strategy)), arrays, history, cfg, fl)
+    deliver_final(grid, arrays, cfg.rounds, fl.round_timeout)
 
 
 def write_results(out: Path, arrays: ArrayRecord, history: dict, cfg, fl) -> None:

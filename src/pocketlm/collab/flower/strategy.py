@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -22,6 +22,7 @@ from . import task
 log = logging.getLogger(__name__)
 
 ARRAYS, CONFIG, METRICS, INFO = "arrays", "config", "metrics", "info"
+FINAL_ACTION = "global"          # `query.global`: the final average goes to every node after the last round
 
 
 def to_record(state) -> ArrayRecord:
@@ -63,6 +64,19 @@ class CoMiGSFedAvg(FedAvg):
         if metrics is not None:
             metrics["accepted"], metrics["rejected"] = len(accepted), len(rejected)
         return to_record(self.server.global_state), metrics
+
+
+def deliver_final(grid: Grid, arrays: ArrayRecord, server_round: int, timeout: float) -> int:
+    """Send the final global state to every connected node (a device keeps it to steer with); returns how many
+    nodes confirmed. A node that is gone costs at most `timeout`."""
+    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"server-round": server_round})}),
+                    dst_node_id=nid, message_type=f"{MessageType.QUERY}.{FINAL_ACTION}")
+            for nid in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+    kept = sum(1 for r in replies if not r.has_error() and r.content.config_records.get(INFO, {}).get("kept"))
+    log.info("server: the final global state (round %d) went to %d node(s), %d kept it", server_round, len(msgs),
+             kept)
+    return kept
 
 
 def metrics_of(record: MetricRecord | None) -> dict:

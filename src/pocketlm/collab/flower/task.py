@@ -30,6 +30,7 @@ from ...data import UserTokens, build_scenario, load_corpus
 from ...data.corpora import read_folder
 from ...models import load_model
 from ...moe import param_role
+from ...moe.state import write_adapter_config
 from ..client import Device
 from ..config import ConfigError, TrainConfig
 from ..server import Server, Upload
@@ -181,7 +182,9 @@ class Node:
         self.download(global_state)
         losses = self.device.local_update(self.model, s.tokens.train, s.tokens.val, s.cfg.local_steps)  # binds itself
         self.rounds_done += 1
-        self.store.save(self.device.state_dict(), {"rounds_done": self.rounds_done, "server_round": server_round})
+        write_adapter_config(self.model, s.state_dir)      # the layout and base a steering device checks
+        self.store.save(self.device.state_dict(), {"rounds_done": self.rounds_done, "server_round": server_round,
+                                                   "shared_roles": sorted(s.strategy.shared_roles)})
         names = self.shared_names()
         if order is not None:
             held = set(names)
@@ -192,6 +195,11 @@ class Node:
                    "train-loss": mean_loss(losses),
                    "skipped-steps": self.device.skipped, "step": self.device.step}
         return upload, metrics
+
+    def keep_global(self, global_state: dict[str, torch.Tensor], server_round: int) -> bool:
+        """Store the server's final average of the shared tensors this device holds (collab.flower.state), so
+        the device steers with the federation's last shared parts. False: this device has not trained yet."""
+        return self.store.save_global(global_state, server_round) is not None
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict:
         s = self.setup

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 from ...errors import PocketLMError
-from .leakage import ngrams, words
+from .leakage import STOP_WORDS, ngrams, words
 
 TAIL_TOKENS_PER_WORD = 4
 DEFAULT_MAX_COPY = 8     # the project measured that this cap keeps the ROUGE gain of the steering methods
@@ -116,21 +116,25 @@ class ProtectNames:
         return guard is None or guard.allows(row, generated, token)
 
 
+IM = ("I'", "I’")     # I'm, I've: the pronoun
 _CAPITALISED = re.compile(r"(?<![\w'’])[^\W\d_][\w'’-]*", re.UNICODE)
-_SENTENCE_END = re.compile(r"[.!?…]['\"”’)\]]*\s*$")
+# what starts a sentence or a clause (a capital there says nothing): . ! ? : ; an opening bracket, quote or bullet
+_CLAUSE_START = re.compile(r"(?:[.!?…:;(\[{•|*#>–—-]|^)['\"“‘(\s]*$")
 
 
 def proper_names(context: str, query: str = "", extra=()) -> list[str]:
-    """The words of a private context that name someone or something: capitalised in mid-sentence (a sentence's
-    or line's first word is capitalised anyway; the pronoun "I" is not a name), plus the `extra` words (a
-    front matter's `protect:` line); minus those the public prompt contains. Sorted, as written."""
+    """The words of a private context that name someone or something: capitalised in mid-sentence (not after a
+    sentence's or clause's start, a line's start, a colon or a bullet), at least 3 letters, not a stop word and
+    never written in lower case in the context; plus the `extra` words (a front matter's `protect:` line); minus
+    those the public prompt contains (the cloud has them). Sorted, as written."""
     public = set(words(query))
+    lower = set(re.findall(r"\b[^\W\d_A-Z][\w'’-]*", context))    # words the context writes in lower case
     found: dict[str, str] = {}
     for line in context.splitlines():
         for m in _CAPITALISED.finditer(line):
             w = m.group().rstrip("'’-")
-            before = line[:m.start()]
-            if not w[0].isupper() or len(w) < 2 or not re.search(r"\w", before) or _SENTENCE_END.search(before):
+            if (not w[0].isupper() or len(w) < 3 or w.lower() in STOP_WORDS or w.lower() in lower or w[:2] in IM
+                    or _CLAUSE_START.search(line[:m.start()])):
                 continue
             found.setdefault(w.lower(), w)
     for w in extra:
