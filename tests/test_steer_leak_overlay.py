@@ -55,9 +55,10 @@ def _data(tmp_path):
 
 
 def _eval(tmp_path, data, out, *extra):
+    """An eval-steer run without the default guard (the overlay prices --max-copy from an unguarded base)."""
     res = CliRunner().invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
                                    "--methods", "cloud,closed_form@1", "--max-new-tokens", "5", "--json", str(out),
-                                   *extra])
+                                   "--no-guard", *extra])
     assert res.exit_code == 0, res.output
     return json.loads(out.read_text())
 

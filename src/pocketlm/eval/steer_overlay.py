@@ -42,8 +42,9 @@ def _check_settings(base: dict, patch: dict, max_copy: int, where: str) -> None:
     if diff:
         raise DataError(f"{where} was generated with different settings than the base run: {', '.join(diff)}")
     guards = p.get("guards", [])
-    if f"max_copy_{max_copy}" not in guards:
-        raise DataError(f"{where} was not generated with --max-copy {max_copy} (its guards: {guards or 'none'})")
+    if guards != [f"max_copy_{max_copy}"]:     # another guard (the default name protection) changes rows too
+        raise DataError(f"{where} was not generated with --max-copy {max_copy} alone (its guards: {guards or 'none'}; "
+                        f"eval-steer --no-guard --max-copy {max_copy})")
     for name in patch["methods"]:
         if name not in base["methods"]:
             raise DataError(f"{where} has method {name!r}, which the base run does not")
@@ -60,7 +61,8 @@ def overlay_runs(base: dict, patches: list[tuple[str, dict]], examples: list[Ste
     if float(b.get("temperature") or 0.0) != 0.0:
         raise DataError("the base run was sampled; reusing its rows as guarded rows holds only for greedy decoding")
     if b.get("guards"):
-        raise DataError(f"the base run already ran with guards {b['guards']}; give an unguarded run")
+        raise DataError(f"the base run already ran with guards {b['guards']}; give an unguarded run "
+                        "(eval-steer --no-guard)")
     names = methods or list(base["methods"])
     _known_methods(base, names)
     by_id = {e.id: e for e in examples}
