@@ -99,8 +99,8 @@ class PersonalOptions:
 
     PANEL = "Personal model"
     adapters: Annotated[Path, typer.Option(
-        help="A user's adapter folder from a CoMiGS run (runs/.../users/<user>): the device becomes that user's "
-             "personal model.")] = None
+        help="A user's adapter folder from a CoMiGS run (runs/.../users/<user>) or a Flower device's state "
+             "directory (--state of pocketlm fl supernode): the device becomes that user's personal model.")] = None
     signal: Annotated[str, typer.Option(
         help="What steers: context (log p(.|ctx,x) - log p(.|x)) | weights (log p_personal(.|x) - log p_base(.|x), "
              "needs --adapters, no context) | both | specialist (log p_personal(.|x) - log p_shared(.|x): what the "

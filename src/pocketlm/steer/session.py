@@ -24,8 +24,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
     One spec for both roles loads one model.
     `overlap=None`: on for a step server (the device steps while the cloud's answer is on the wire), else off.
-    `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`): the device becomes that user's
-    personal model (the base tensors stay shared with the cloud when both specs name one model).
+    `adapters`: a user's folder of a CoMiGS run (`runs/.../users/<user>`) or a Flower device's state directory
+    (moe.personal.load_personal reads both): the device becomes that user's personal model (the base tensors stay shared with the cloud when both specs name one model).
     `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
     downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up).
     `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`."""
