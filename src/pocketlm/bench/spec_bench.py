@@ -46,7 +46,7 @@ def _configs(ks: list[int], kappa: float) -> list[tuple[str, str, int]]:
     closed = f"closed_form@{kappa:g}"
     out = [("cloud", "cloud", 0), ("closed_form", closed, 0)]
     out += [(f"closed_form/spec{k}", closed, k) for k in ks]
-    out += [("cloud/spec4", "cloud", 4), ("specsteer", "specsteer", 0)]
+    out += [("specsteer", "specsteer", 0)]
     return out
 
 
