@@ -12,7 +12,14 @@ import torch
 from transformers import DynamicCache
 
 from ...moe.row_adapters import adapter_rows
-from .prefill import adapter_flags, check_prompts, forward_step, forward_tokens, join_left_padded, prefill_one
+from .prefill import (
+    adapter_flags,
+    check_prompts,
+    forward_step,
+    forward_tokens,
+    join_left_padded,
+    prefill_each,
+)
 
 
 class LMStream:
@@ -49,14 +56,9 @@ class LMStream:
         """
         check_prompts(prompts)
         width = max(len(p) for p in prompts)
-        caches, logits = [], []
         flags = adapter_flags(adapters, len(prompts), self.device)
-        for i, p in enumerate(prompts):
-            with adapter_rows(self.model, None if flags is None else flags[i:i + 1]):
-                cache, last = prefill_one(self.model, p, self.device)
-            caches.append(cache)
-            logits.append(last)
-            self.forwards += 1
+        caches, logits = prefill_each(self.model, prompts, flags, self.device)
+        self.forwards += len(prompts)
         mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             mask[i, width - len(p):] = 1

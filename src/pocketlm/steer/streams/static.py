@@ -29,7 +29,7 @@ import torch
 from ...errors import PocketLMError
 from ...moe.row_adapters import PERSONAL, adapter_rows
 from .llama_step import causal_bias, decode, static_unsupported, store_prefill
-from .prefill import adapter_flags, check_prompts, prefill_one
+from .prefill import adapter_flags, check_prompts, prefill_each
 
 __all__ = ["StaticLMStream", "static_unsupported"]
 
@@ -141,14 +141,9 @@ class StaticLMStream:
         check_prompts(prompts)
         expand = list(range(len(prompts))) if expand is None else list(expand)
         width = max(len(p) for p in prompts)
-        caches, logits = [], []
         flags = adapter_flags(adapters, len(prompts), self.device)
-        for i, p in enumerate(prompts):
-            with adapter_rows(self.model, None if flags is None else flags[i:i + 1]):
-                cache, last = prefill_one(self.model, p, self.device)
-            caches.append(cache)
-            logits.append(last)
-            self.forwards += 1
+        caches, logits = prefill_each(self.model, prompts, flags, self.device)
+        self.forwards += len(prompts)
         rows, need = len(expand), width + self.headroom
         if not self._fits(rows, need):
             self._allocate(max(rows, self.max_rows), max(need, self.capacity))
