@@ -6,6 +6,7 @@ started there is stopped at the end of its module.
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.request
 
@@ -31,6 +32,27 @@ def lively(model, seed: int, std: float = 0.2):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+def drafting_pair(share: float):
+    """(cloud, device, tokenizer): a lively tiny cloud and a device that is `share` the cloud and the rest another
+    lively model, so a speculative draft is accepted sometimes (both the accept and the reject path run)."""
+    cloud, tok = build_tiny("tiny-llama", seed=2)
+    other, _ = build_tiny("tiny-llama", seed=3)
+    lively(cloud, 1)
+    lively(other, 2)
+    device = copy.deepcopy(cloud)
+    with torch.no_grad():
+        for p, q in zip(device.parameters(), other.parameters(), strict=True):
+            p.mul_(share).add_((1 - share) * q)
+    return cloud, device, tok
+
+
+def sent_texts(gen, tok) -> list[str]:
+    """What a speculative generation sent up, as texts: its output, and each rejected draft after the output it
+    followed (to check that drafts passed the guards before they were sent)."""
+    sent = [gen.token_ids] + [gen.token_ids[:start] + ids for start, ids in gen.rejected]
+    return [tok.decode(ids, skip_special_tokens=True) for ids in sent]
 
 
 def tiny_pair():

@@ -75,7 +75,7 @@ def _options(*path: str) -> set[str]:
 
 def test_each_group_reaches_every_command_that_takes_it():
     engine = {"cloud", "local", "device", "dtype", "threads", "vocab", "kv", "overlap", "cloud_token",
-              "cloud_logprobs", "cloud_prompt", "speculate", "draft"}
+              "cloud_logprobs", "cloud_prompt", "speculate", "draft", "draft_ahead"}
     assert {f for f in EngineOptions.__dataclass_fields__} == engine
     guards, decode = set(GuardOptions.__dataclass_fields__), set(SamplingOptions.__dataclass_fields__)
     assert engine | guards | decode | {"adapters", "signal", "cloud_format", "downlink_sampling"} <= _options("steer")

@@ -67,11 +67,13 @@ def test_cli_steer_with_cloud_url_matches_in_process(tmp_path, monkeypatch):
     assert refused.exit_code != 0 and isinstance(refused.exception, RemoteCloudError)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "topk"])
-def test_speculative_steering_through_the_server_equals_in_process(serve_pair, fmt):
+@pytest.mark.parametrize("fmt,ahead", [("f32", False), ("topk", False), ("f32", True), ("topk", True)])
+def test_speculative_steering_through_the_server_equals_in_process(serve_pair, fmt, ahead):
     """`verify` (T ids per row up, T score rows down) and `rewind` decode exactly the sequential tokens, in the
-    dense and the certified top-k format (asks about a verified position carry `position`)."""
+    dense and the certified top-k format (asks about a verified position carry `position`), with and without
+    the next draft written during the verify."""
     from pocketlm.steer.cloud.remote import RemoteTopK
+    from pocketlm.steer.speculative import Speculation
 
     cloud, device, tok = serve_pair
     ms = parse_methods("cloud,closed_form,plausible,ada_costeer")
@@ -80,7 +82,7 @@ def test_speculative_steering_through_the_server_equals_in_process(serve_pair, f
     client = RemoteTopK if fmt == "topk" else RemoteCloud
     kw = {"k": 3} if fmt == "topk" else {}
     with start_server(cloud, tok) as srv, client(srv.url, TOKEN, tokenizer=tok, **kw) as rc:
-        engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=3)
+        engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(3, ahead=ahead))
         remote = engine.generate(reqs, ms, max_new_tokens=20)
         engine.close()
     assert [g.token_ids for g in remote] == [g.token_ids for g in local]

@@ -4,7 +4,6 @@ guards before they are sent; SpecSteer's ratio rule against a reference loop wit
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from pocketlm.errors import PocketLMError
-from pocketlm.models import build_tiny
 from pocketlm.steer import Sampling, SteerEngine, SteerRequest, parse_methods
 from pocketlm.steer.cloud.in_process import HFCloudBackend
 from pocketlm.steer.downlink.topk import TruncatedCloud
@@ -20,7 +18,7 @@ from pocketlm.steer.fusion.formulas import log_policy
 from pocketlm.steer.fusion.guards import build_guards
 from pocketlm.steer.fusion.leakage import longest_copy
 from pocketlm.steer.speculative import Speculation, SpeculativeRound
-from serve_fixtures import lively
+from serve_fixtures import drafting_pair, sent_texts
 
 SECRET = "My secret passphrase is XYZZY-PLUGH and I live at 42 Quiet Lane by the old harbour."
 METHODS = "cloud,closed_form,plausible,adaptive,ada_costeer,costeer,light_costeer,cloud_with_context"
@@ -30,15 +28,7 @@ METHODS = "cloud,closed_form,plausible,adaptive,ada_costeer,costeer,light_costee
 def pair():
     """A cloud and a device that agree sometimes (the device is 90% the cloud, 10% another lively model): drafts
     are partly accepted, so both the accept and the reject path run."""
-    cloud, tok = build_tiny("tiny-llama", seed=2)
-    other, _ = build_tiny("tiny-llama", seed=3)
-    lively(cloud, 1)
-    lively(other, 2)
-    device = copy.deepcopy(cloud)
-    with torch.no_grad():
-        for p, q in zip(device.parameters(), other.parameters(), strict=True):
-            p.mul_(0.9).add_(0.1 * q)
-    return cloud, device, tok
+    return drafting_pair(0.9)
 
 
 def _requests(n):
@@ -95,9 +85,7 @@ def test_rejected_drafts_pass_the_guards_before_they_are_sent(pair):
     eng = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok, speculate=6)
     out = eng.generate(req, ms, max_new_tokens=24)
     g = out[0]
-    sent = [g.token_ids] + [g.token_ids[:start] + ids for start, ids in g.rejected]
-    for ids in sent:
-        text = tok.decode(ids, skip_special_tokens=True)
+    for text in sent_texts(g, tok):
         assert longest_copy(text, SECRET, req[0].query) <= 2
         assert "harbour" not in text.lower()
     assert g.drafted_tokens > 0

@@ -22,8 +22,9 @@ def test_steer_with_speculate_prints_the_same_text(tmp_path):
             "--max-new-tokens", "16", "--method", "closed_form"]
     plain = runner.invoke(app, args)
     spec = runner.invoke(app, [*args, "--speculate", "4"])
-    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
-    assert spec.stdout == plain.stdout
+    ahead = runner.invoke(app, [*args, "--speculate", "4", "--draft-ahead", "--overlap"])
+    assert plain.exit_code == 0 and spec.exit_code == 0 and ahead.exit_code == 0, ahead.output
+    assert spec.stdout == plain.stdout == ahead.stdout
 
 
 def test_eval_steer_records_speculation(tmp_path):
@@ -63,4 +64,7 @@ def test_bench_spec_runs_over_the_delay_proxy(tmp_path):
     assert all(r["identical"] for r in recs if r["method"] == "closed_form")
     spec = next(r for r in recs if r["config"] == "closed_form/spec2" and r["rtt_ms"] == 40)
     assert spec["tokens_per_round_trip"] > 1
+    ahead = next(r for r in recs if r["config"] == "closed_form/spec2/ahead" and r["rtt_ms"] == 40)
+    assert ahead["ahead"] and ahead["identical"] and ahead["ahead_hit_rate"] is not None
+    assert next(r for r in recs if r["config"] == "specsteer/ahead")["identical"]  # the same drafts, written earlier
     assert png.stat().st_size > 0

@@ -41,12 +41,15 @@ PROMPTS = [
 PROJECTED_CLOUD_MS = (5.0, 20.0, 50.0)
 
 
-def _configs(ks: list[int], kappa: float) -> list[tuple[str, str, int]]:
-    """(label, method, K) in run order; K = 0: no speculation (SpecSteer always drafts its own 4)."""
+def _configs(ks: list[int], kappa: float, ahead: bool = False) -> list[tuple[str, str, int, bool]]:
+    """(label, method, K, draft ahead) in run order; K = 0: no speculation (SpecSteer always drafts its own 4).
+    `ahead`: each speculative configuration also with the next draft written during the verify."""
     closed = f"closed_form@{kappa:g}"
-    out = [("cloud", "cloud", 0), ("closed_form", closed, 0)]
-    out += [(f"closed_form/spec{k}", closed, k) for k in ks]
-    out += [("specsteer", "specsteer", 0)]
+    out = [("cloud", "cloud", 0, False), ("closed_form", closed, 0, False)]
+    for k in ks:
+        out += [(f"closed_form/spec{k}", closed, k, False)] + ([(f"closed_form/spec{k}/ahead", closed, k, True)]
+                                                                if ahead else [])
+    out += [("specsteer", "specsteer", 0, False)] + ([("specsteer/ahead", "specsteer", 0, True)] if ahead else [])
     return out
 
 
@@ -73,6 +76,7 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             spec_stats.append(out.stats.speculation)
     counts = proxy.counts()
     drafted = sum(s["drafted"] for s in spec_stats)
+    ahead_rounds = sum(s.get("ahead_rounds", 0) for s in spec_stats)
     trips = sum(s["row_round_trips"] for s in spec_stats)
     rounds = sum(s["rounds"] for s in spec_stats)
     return {"tokens": made, "wall_s": wall, "ids": ids,
@@ -80,6 +84,7 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             "tokens_per_round_trip": (sum(s["tokens"] for s in spec_stats) / trips) if trips else 1.0,
             "acceptance": (sum(s["accepted"] for s in spec_stats) / drafted) if drafted else None,
             "drafted_per_round": drafted / rounds if rounds else 0.0,
+            "ahead_hit_rate": (sum(s["ahead_hits"] for s in spec_stats) / ahead_rounds) if ahead_rounds else None,
             "bytes_up_per_token": counts["bytes_up"] / made if made else None,
             "bytes_down_per_token": counts["bytes_down"] / made if made else None,
             "messages_up": counts["messages_up"],
@@ -97,16 +102,16 @@ def _project(rec: dict, cloud_ms: float, rtt_ms: float) -> float:
 
 def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens: int = 48, prompts: int = 3,
                kappa: float = 1.0, fmt: str = "f32", overlap: bool = True, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None) -> dict:
+               dtype: str = "float32", threads: int | None = None, ahead: bool = False) -> dict:
     """Records for every (RTT, configuration); see the module docstring."""
     if prompts < 1 or prompts > len(PROMPTS):
         raise PocketLMError(f"--prompts must be in 1..{len(PROMPTS)}")
     dev_model, dev_tok = load_bench_model(local, device=device, dtype=dtype, seed=1)
     reqs = [SteerRequest.with_context(q, c) for q, c in PROMPTS[:prompts]]
     prompt_len = max(len(chat_ids(dev_tok, r.private)) for r in reqs)
-    configs = _configs(ks, kappa)
+    configs = _configs(ks, kappa, ahead)
     doc = {"cloud": cloud, "local": local, "tokens": tokens, "prompts": prompts, "kappa": kappa, "format": fmt,
-           "overlap": overlap, "dtype": dtype, "server_threads": threads, "records": []}
+           "overlap": overlap, "ahead": ahead, "dtype": dtype, "server_threads": threads, "records": []}
     refs: dict[str, list] = {}
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
                        max_prompt_tokens=prompt_len + 64, threads=threads) as server:
@@ -115,15 +120,15 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
             with DelayProxy(host, int(port), rtt) as proxy, _client(proxy.url, dev_tok, fmt) as rc:
                 engine = SteerEngine(rc, dev_tok, dev_model, dev_tok, overlap=overlap)
                 engine.generate([reqs[0]], [get_method("cloud")], max_new_tokens=2)  # warm-up
-                for label, method, k in configs:
-                    engine.speculation = Speculation(k)
+                for label, method, k, drafts_ahead in configs:
+                    engine.speculation = Speculation(k, ahead=drafts_ahead)
                     rec = _decode(engine, proxy, reqs, method, tokens)
                     base = f"{method}"
-                    if k == 0 and method != "specsteer":
-                        refs.setdefault(base, rec["ids"])
+                    if (k == 0 and method != "specsteer") or (method == "specsteer" and not drafts_ahead):
+                        refs.setdefault(base, rec["ids"])  # SpecSteer's own drafts decide its text: vs itself
                     ref = refs.get(base)
                     rec.update(config=label, method=method.split("@")[0], k=k if method != "specsteer" else 4,
-                               rtt_ms=rtt, identical=(rec["ids"] == ref) if ref is not None else None)
+                               rtt_ms=rtt, ahead=drafts_ahead, identical=(rec["ids"] == ref) if ref is not None else None)
                     rec["projected_tok_s"] = {f"{c:g}ms": _project(rec, c, rtt) for c in PROJECTED_CLOUD_MS}
                     del rec["ids"]
                     doc["records"].append(rec)
@@ -134,14 +139,16 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
 
 
 def spec_table(doc: dict) -> list[list[str]]:
-    """Rows for a printed table: config, RTT, tok/s, x vs closed_form at that RTT, tokens/RT, acceptance, bytes."""
+    """Rows for a printed table: config, RTT, tok/s, x vs closed_form at that RTT, tokens/RT, acceptance, share
+    of drafts written ahead that were kept, bytes."""
     base = {r["rtt_ms"]: r["tok_s"] for r in doc["records"] if r["config"] == "closed_form"}
     rows = []
     for r in doc["records"]:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        hit = "-" if r.get("ahead_hit_rate") is None else f"{r['ahead_hit_rate']:.2f}"
         same = {True: "yes", False: "NO", None: "-"}[r["identical"]]
         rows.append([r["config"], f"{r['rtt_ms']}", f"{r['tok_s']:.2f}", f"{r['tok_s'] / base[r['rtt_ms']]:.2f}x",
-                     f"{r['tokens_per_round_trip']:.2f}", acc, f"{r['bytes_up_per_token']:.0f}",
+                     f"{r['tokens_per_round_trip']:.2f}", acc, hit, f"{r['bytes_up_per_token']:.0f}",
                      f"{r['bytes_down_per_token']:.0f}", same])
     return rows
 

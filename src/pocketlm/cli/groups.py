@@ -34,6 +34,7 @@ from .options import (
     CloudPromptOpt,
     CloudTokenOpt,
     DeviceOpt,
+    DraftAheadOpt,
     DraftOpt,
     DtypeOpt,
     KvOpt,
@@ -72,10 +73,11 @@ class EngineOptions:
     cloud_prompt: CloudPromptOpt = "auto"
     speculate: SpeculateOpt = 0
     draft: DraftOpt = "fused"
+    draft_ahead: DraftAheadOpt = False
 
     @property
     def speculation(self) -> Speculation:
-        return Speculation(self.speculate, self.draft)
+        return Speculation(self.speculate, self.draft, self.draft_ahead)
 
     def decoding(self) -> dict:
         """The `SteerEngine` settings, for a command that wraps models it loaded itself (eval-personal)."""

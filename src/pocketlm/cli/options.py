@@ -36,6 +36,10 @@ SpeculateOpt = Annotated[int, typer.Option(
 DraftOpt = Annotated[str, typer.Option(
     "--draft", help="Draft policy for --speculate: fused (each method's device-only stand-in) | ctx (the device "
                     "with the context).")]
+DraftAheadOpt = Annotated[bool, typer.Option(
+    "--draft-ahead/--no-draft-ahead",
+    help="With --speculate (greedy, overlap on): draft the next round while the cloud verifies this one; kept "
+         "when the whole draft and the device's guess of the next token are accepted, rewound otherwise.")]
 KvOpt = Annotated[str, typer.Option(
     help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
          "torch.compile first) | dynamic (HF) | auto (static where supported).")]

@@ -23,6 +23,9 @@ def bench_spec_cmd(
     kappa: float = typer.Option(1.0, help="kappa of closed_form (and SpecSteer's beta is its own default 1)."),
     cloud_format: str = typer.Option("f32", help="Downlink: f32 | f16 | bf16 | topk[:K]."),
     overlap: bool = typer.Option(True, help="Overlap the device's last draft step with the verify in flight."),
+    ahead: bool = typer.Option(True, "--ahead/--no-ahead",
+                               help="Run each speculative configuration also with the next draft written during "
+                                    "the verify in flight (--draft-ahead), to compare with and without."),
     plot: Path = typer.Option(None, help="Write a PNG of tok/s against RTT."),
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
@@ -37,12 +40,12 @@ def bench_spec_cmd(
     set_threads(threads)
     doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
                      prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
-                     threads=threads)
+                     threads=threads, ahead=ahead)
     doc.update(**machine())
     table = Table(title=f"speculative steering over a simulated WAN: {local} drafting for {cloud}, {cloud_format}, "
                         f"{tokens} tokens x {prompts} prompts, overlap {'on' if overlap else 'off'}, on {doc['hardware']}")
     for col in ("configuration", "RTT ms", "tok/s", "vs closed_form", "tokens/round trip", "acceptance",
-                "bytes up/token", "bytes down/token", "identical"):
+                "ahead kept", "bytes up/token", "bytes down/token", "identical"):
         table.add_column(col, justify="right")
     for row in spec_table(doc):
         table.add_row(*row)

@@ -78,6 +78,11 @@ class Overlap:
                 return self.measure(op, ids)
 
     def _step_both(self, cloud, cloud_ids, device, dev_ids, cloud_op: str = "step"):
+        return self.beside(cloud, cloud_ids, lambda fut: self.timed("device", device.step, dev_ids), cloud_op)
+
+    def beside(self, cloud, cloud_ids: torch.Tensor, work, cloud_op: str = "step"):
+        """Run the cloud's `cloud_op` in the worker and `work(future)` here meanwhile (it may poll
+        `future.done()` to stop in time); returns (cloud result, work's result)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
         main = None
@@ -89,7 +94,7 @@ class Overlap:
             cloud_ids.record_stream(self._side_stream)
         fut = self._pool.submit(self._cloud_in_worker, getattr(cloud, cloud_op), cloud_ids)
         try:
-            dev = self.timed("device", device.step, dev_ids)
+            dev = work(fut)
         finally:
             cl, secs = fut.result()  # always join: the cloud's cache must not change under a later step
         if main is not None:  # the logits were made on the side stream: order and keep them for this one

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
+from .drafting import Ahead, Drafting, draft_ahead, rows_of
 from .plan import Choice, DecodePlan
 from .streams.device import DeviceScores
 
@@ -42,10 +43,12 @@ MAX_SPECULATE = 32
 @dataclass(frozen=True)
 class Speculation:
     """`k`: draft tokens per round (0: off); `draft`: the draft policy — `fused` (each rule's device-only
-    stand-in, `FusionRule.draft`) or `ctx` (the device with the context, as SpecSteer drafts)."""
+    stand-in, `FusionRule.draft`) or `ctx` (the device with the context, as SpecSteer drafts); `ahead`: draft the
+    next round during the verify in flight (drafting.py; greedy, with the overlap on)."""
 
     k: int = 0
     draft: str = "fused"
+    ahead: bool = False
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or not 0 <= self.k <= MAX_SPECULATE:
@@ -65,12 +68,6 @@ def draft_lengths(methods, spec: Speculation, sampling) -> list[int]:
     return out
 
 
-def _rows(dev: DeviceScores, pos: torch.Tensor) -> DeviceScores:
-    def pick(t):
-        return None if t is None else t[pos.to(t.device)]
-    return DeviceScores(pick(dev.plain), pick(dev.ctx))
-
-
 class SpeculativeRound:
     """The state of one speculative `generate()`: the engine's streams and plan, plus the draft bookkeeping."""
 
@@ -82,7 +79,10 @@ class SpeculativeRound:
         self.dev_device = next(engine.device_model.parameters()).device
         # rounds = cloud calls after the prefill; row_round_trips: per row, every cloud call it waited for, the
         # prefill included (a batched call serves every live row); tokens: filled in at the end
-        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_round_trips": len(plan.gens), "tokens": 0}
+        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_round_trips": len(plan.gens), "tokens": 0,
+                      "ahead_rounds": 0, "ahead_hits": 0, "ahead_drafted": 0}
+        self._carry: Ahead | None = None  # the next round's draft, written during the last verify
+        self._estimates: dict[str, float] = {}  # running means (s) of a verify and of a device step
         for g in plan.gens:
             g.round_trips = 1  # the prefill
 
@@ -93,7 +93,7 @@ class SpeculativeRound:
         live = plan.live[pos]
         step = CloudStep.of(None if answer is None else answer[pos.to(self._device_of(answer))], e.align,
                             self.dev_device)
-        view = e._view(step, _rows(dev, pos), live)
+        view = e._view(step, rows_of(dev, pos), live)
         fused = plan.fuse(view, e.align.size)
         certifier = plan.certify(fused, view, step.top, source, self.sampling)
         choice = plan.choose(fused, self.sampling, self.gen, e.align.to_device, certifier, live=live, drafted=drafted)
@@ -111,59 +111,13 @@ class SpeculativeRound:
                                 self.on_token, live=live)
 
     # -- drafting ------------------------------------------------------------------------------------
-    def draft(self, dev0: DeviceScores, device, budget: torch.Tensor):
-        """Draft up to `budget[p]` tokens per live row from device scores `dev0` (after z). Returns (drafts
-        `[B, K']` fused ids, lengths `[B]`, q: per position the draft distributions (sampling), device scores
-        per drafted position, the ids the device must still consume for the bonus position)."""
-        e, plan, n = self.e, self.plan, self.plan.live.numel()
-        K = int(budget.max()) if n else 0
-        drafts = torch.zeros(n, K, dtype=torch.long)
-        lengths = torch.zeros(n, dtype=torch.long)
-        active = budget > 0
-        dev_seq, q_seq = [dev0], []
-        for j in range(K):
-            pos = active.nonzero().flatten()
-            view = e._view(CloudStep(None), _rows(dev_seq[j], pos), plan.live[pos])
-            fused = plan.fuse(view, e.align.size, draft=True)
-            if self.spec.draft == "ctx" and view.ctx is not None:
-                fused.scores = view.ctx.clone()
-            hist = [e.align.to_device(drafts[p, :j]).tolist() for p in pos.tolist()]
-            choice = plan.choose(fused, self.sampling, self.gen, e.align.to_device, live=plan.live[pos], drafted=hist)
-            q = self.sampling.probs(fused.scores) if self.sampling.temperature > 0 else None
-            q_full = None
-            if q is not None:
-                q_full = torch.zeros(n, q.shape[-1], device=q.device)
-                q_full[pos.to(q.device)] = q
-            q_seq.append(q_full)
-            tok = choice.tokens.cpu()
-            ok = torch.tensor([i not in choice.blocked for i in range(pos.numel())], dtype=torch.bool)
-            drafts[pos[ok], j] = tok[ok]
-            lengths[pos[ok]] += 1
-            eos = self._is_eos(tok)
-            still = ok & ~eos & (lengths[pos] < budget[pos])
-            active = torch.zeros(n, dtype=torch.bool)
-            active[pos[still]] = True
-            if not bool(active.any()) or j == K - 1:
-                return drafts[:, : j + 1], lengths, q_seq, dev_seq
-            dev_seq.append(self._timed_device(device, self._filled(drafts[:, j], lengths, j)))
-        return drafts[:, :0], lengths, q_seq, dev_seq
-
-    def _is_eos(self, tok: torch.Tensor) -> torch.Tensor:
+    def is_eos(self, tok: torch.Tensor) -> torch.Tensor:
         e = self.e
         cloud_ids, dev_ids = e.align.to_cloud(tok).tolist(), e.align.to_device(tok).tolist()
         return torch.tensor([c in e.cloud_eos or d in e.device_eos for c, d in zip(cloud_ids, dev_ids, strict=True)],
                             dtype=torch.bool)
 
-    def _filled(self, column: torch.Tensor, lengths: torch.Tensor, j: int) -> torch.Tensor:
-        """Draft column j with the rows that drafted fewer than j+1 tokens filled by their last real token (or
-        z): those positions are scored and rewound, never kept, and carry nothing not already sent."""
-        col = column.clone()
-        short = lengths <= j
-        if bool(short.any()):
-            col[short] = self._last_real[short]
-        return self.e.align.to_device(col)
-
-    def _timed_device(self, device, ids: torch.Tensor) -> DeviceScores:
+    def timed_device(self, device, ids: torch.Tensor) -> DeviceScores:
         return self.e.clock.timed("device", device.step, ids.to(self.dev_device))
 
     # -- one round -----------------------------------------------------------------------------------
@@ -182,25 +136,73 @@ class SpeculativeRound:
                                    e.overlap)
             self._called()
             return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
-        self._last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
-        dev0 = self._timed_device(device, e.align.to_device(z)) if prefilled is None else prefilled[1]
-        drafts, lengths, q_seq, dev_seq = self.draft(dev0, device, budget)
+        carry, self._carry = self._carry, None
+        if carry is not None:  # this round's draft was begun during the last verify, behind z (stepped already)
+            d = carry.resumed().run(device)
+        else:
+            last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
+            dev0 = self.timed_device(device, e.align.to_device(z)) if prefilled is None else prefilled[1]
+            d = Drafting(self, dev0, budget, last_real).run(device)
+        drafts, lengths = d.drafts, d.lengths
         k_used = drafts.shape[1]
         head = [] if prefilled is not None else [z.cpu().view(-1, 1)]
         ids = torch.cat(head + [drafts], dim=1)
         lead = len(head)
         for j in range(k_used):  # rows that drafted fewer: fillers (their last real token), rewound after
             short = lengths <= j
-            ids[short, lead + j] = ids[short, lead + j - 1] if lead + j > 0 else self._last_real[short]
+            ids[short, lead + j] = ids[short, lead + j - 1] if lead + j > 0 else d.last_real[short]
         last = e.align.to_device(ids[:, -1]).to(self.dev_device)
-        cl, dev_last = e.clock.step(cloud, e.align.to_cloud(ids), device, last, e.overlap, cloud_op="extend")
+        cloud_ids = e.align.to_cloud(ids)
+        nxt = self._ahead_budget(emitted, lengths, k_used)
+        ahead = None
+        if nxt is not None:
+            cl, (dev_last, ahead) = self._verify_beside(cloud, cloud_ids, lambda stop: draft_ahead(
+                self, device, last, drafts, nxt, stop))
+        else:
+            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend")
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
             plan.gens[r].drafted_tokens += int(lengths[p])
         answers = cl if prefilled is None else [prefilled[0]] + cl
-        return self._verify(answers, dev_seq + [dev_last], drafts, lengths, q_seq, cloud, device,
-                            offset=0 if prefilled is None else 1)
+        return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
+                            offset=0 if prefilled is None else 1, ahead=ahead)
+
+    def _verify_beside(self, cloud, cloud_ids, work):
+        """The verify in the worker and `work(stop)` here: `stop()` says not to start another device step, because
+        the verify has returned or (from the running means of earlier verifies and device steps) a step started
+        now would end after it; a step that overruns the verify delays the next round."""
+        clock = self.e.clock
+        cloud_s, dev_s, dev_n = (clock.timings.get("cloud", 0.0), clock.timings.get("device", 0.0),
+                                 clock.calls.get("device", 0))
+        t_sent = time.perf_counter()
+        est = self._estimates
+
+        def stop(fut) -> bool:
+            if fut.done():
+                return True
+            if "verify" not in est or "step" not in est:
+                return False
+            return time.perf_counter() - t_sent + est["step"] > est["verify"]
+
+        out = clock.beside(cloud, cloud_ids, lambda fut: work(lambda: stop(fut)), "extend")
+        steps = clock.calls.get("device", 0) - dev_n
+        for key, value in (("verify", clock.timings.get("cloud", 0.0) - cloud_s),
+                           ("step", (clock.timings.get("device", 0.0) - dev_s) / steps if steps else None)):
+            if value is not None:
+                est[key] = value if key not in est else 0.7 * est[key] + 0.3 * value
+        return out
+
+    def _ahead_budget(self, emitted: torch.Tensor, lengths: torch.Tensor, k_used: int) -> torch.Tensor | None:
+        """The next round's budget if this round may draft it during the verify (greedy, overlap on, every row
+        drafted in full: only then can the whole batch go on from one guess); else None."""
+        e = self.e
+        if not (self.spec.ahead and e.overlap and k_used and self.sampling.temperature == 0):
+            return None
+        if not bool((lengths == k_used).all()):
+            return None
+        nxt = torch.minimum(self.k_of[self.plan.live], (self.max_new - (emitted + k_used + 1) - 1).clamp_min(0))
+        return nxt if int(nxt.min()) > 0 else None  # every row drafts again: no row can leave the batch
 
     def _called(self) -> None:
         """One cloud call served every live row."""
@@ -209,7 +211,7 @@ class SpeculativeRound:
         for r in self.plan.live.tolist():
             self.plan.gens[r].round_trips += 1
 
-    def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int):
+    def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int, ahead: Ahead | None = None):
         """Decide positions 0..K' in order (`answers[j]`: the cloud after the j-th kept token; answers before
         `offset` are the current step's, the rest come from the verify, position j - offset)."""
         e, plan, n = self.e, self.plan, self.plan.live.numel()
@@ -246,8 +248,21 @@ class SpeculativeRound:
         if k_used:
             drop = (k_used - accepted).clamp_min(0)
             cloud.rewind(drop)
-            device.rewind(drop.to(self.dev_device))
+            device.rewind((drop + self._settle_ahead(ahead, z, accepted, lengths, finished)).to(self.dev_device))
         return z, finished
+
+    def _settle_ahead(self, ahead: Ahead | None, z, accepted, lengths, finished) -> int:
+        """Keep the draft written during the verify for the next round if it guessed right; else the number of
+        device steps it took, to rewind with the rejected suffix (a rewind drops the newest positions)."""
+        if ahead is None:
+            return 0
+        self.stats["ahead_rounds"] += 1
+        self.stats["ahead_drafted"] += int(ahead.drafting.lengths.sum())
+        if ahead.hits(z, accepted, lengths, finished):
+            self.stats["ahead_hits"] += 1
+            self._carry = ahead
+            return 0
+        return ahead.drafting.stepped
 
     def _accept(self, choice, view, fused, drafts, lengths, q_seq, pos, j) -> torch.Tensor:
         """The token each row at this position records: the true choice, or (sampling, SpecSteer) the draft
