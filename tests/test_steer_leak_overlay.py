@@ -72,7 +72,7 @@ def test_overlay_reuses_checked_rows_and_takes_regenerated_ones(tmp_path):
     res = cli.invoke(app, ["eval-steer-overlay", str(run), "--data", str(data), "--max-copy", "3", "--plan"])
     assert res.exit_code == 0 and "closed_form@1: 1 of 3 rows --ids r1" in res.output, res.output
     res = cli.invoke(app, ["eval-steer-overlay", str(run), "--data", str(data), "--max-copy", "3"])
-    assert "copies context the guard would refuse" in str(res.exception) and "--ids r1" in str(res.exception)
+    assert "writes what the guard would refuse" in str(res.exception) and "--ids r1" in str(res.exception)
 
     patch = _eval(tmp_path, data, tmp_path / "patch.json", "--ids", "r1", "--max-copy", "3", "--methods",
                   "closed_form@1")
@@ -95,7 +95,7 @@ def test_overlay_refuses_what_it_cannot_vouch_for(tmp_path):
     _eval(tmp_path, data, unguarded_patch, "--ids", "r0")
     cli = CliRunner()
     res = cli.invoke(app, ["eval-steer-overlay", str(run), str(unguarded_patch), "--data", str(data), "--max-copy", "3"])
-    assert "not generated with --max-copy 3" in str(res.exception)
+    assert "not generated with the guard priced here, max_copy_3" in str(res.exception)
     sampled = json.loads(run.read_text())
     sampled["settings"]["temperature"] = 0.7
     (tmp_path / "s.json").write_text(json.dumps(sampled))

@@ -187,10 +187,14 @@ def eval_steer_overlay_cmd(
     data: Path = typer.Option(..., help="The data file the runs read."),
     max_copy: int = typer.Option(..., help="The guard's N (words)."),
     methods: str = typer.Option(None, help="Comma list of the base's methods to score (default: all)."),
+    names: bool = typer.Option(False, "--names", help="Price the default guard: --max-copy N plus the context's "
+                                                        "proper names protected (patches from eval-steer without "
+                                                        "--no-guard)."),
     plan: bool = typer.Option(False, "--plan", help="Only list, per method, the rows the guard may change."),
     json_out: Path = typer.Option(None, "--json", help="Write the guarded run's scores here."),
 ) -> None:
-    """Score a --max-copy N run from an unguarded one plus the rows the guard may change, regenerated.
+    """Score a --max-copy N run (or, with --names, the default guard) from an unguarded one plus the rows the
+    guard may change, regenerated.
 
     Greedy rows that the guard provably leaves alone are reused (each one is checked)."""
     from ..data.steering import load_steer_data
@@ -198,14 +202,14 @@ def eval_steer_overlay_cmd(
 
     doc = _read_eval_doc(base)
     examples = load_steer_data(data)
-    names = list(str_list(methods, "--methods") or ()) or None
+    chosen = list(str_list(methods, "--methods") or ()) or None
     if plan:
-        for name, rows in needs_regeneration(doc, examples, max_copy, names).items():
+        for name, rows in needs_regeneration(doc, examples, max_copy, chosen, names).items():
             typer.echo(f"{name}: {len(rows)} of {len(doc['examples'])} rows" + (f" --ids {','.join(rows)}" if rows else ""))
         return
-    out = overlay_runs(doc, [(str(p), _read_eval_doc(p)) for p in patches or []], examples, max_copy, names)
+    out = overlay_runs(doc, [(str(p), _read_eval_doc(p)) for p in patches or []], examples, max_copy, chosen, names)
     ov = out["overlay"]
-    _print_scores(out, f"--max-copy {max_copy}: {ov['regenerated']} rows regenerated, {ov['reused']} reused unchanged")
+    _print_scores(out, f"{' + '.join(out['settings']['guards'])}: {ov['regenerated']} rows regenerated, {ov['reused']} reused unchanged")
     if json_out:
         write_json(out, json_out, indent=1, ensure_ascii=False)
 

@@ -193,3 +193,11 @@ def max_copy_untouched(text: str, context: str, query: str, n: int) -> bool:
         if head in firsts and any(head + (ws[i][:k],) in forbidden for k in range(1, len(ws[i]) + 1)):
             return False
     return True
+
+
+def names_untouched(text: str, context: str, query: str, extra=()) -> bool:
+    """Would `ProtectNames` have let a generation of `text` through without refusing one token? Yes when `text`
+    holds none of the row's protected names at a word start: the guard refuses a token only when the number of
+    such matches in the text grows, and a match once written stays in every longer prefix (eval-steer-overlay)."""
+    names = proper_names(context, query, extra)
+    return not names or Protect(names)._pattern.search(text) is None
