@@ -115,16 +115,19 @@ def audit(stream: bytes, tok) -> tuple[list[dict], bool]:
             continue
         assert opcode == 0x1, "only JSON text goes up"
         msg = json.loads(payload)
-        allowed = (FIELDS[msg["op"]], TOPK_OPEN if msg["op"] == "open" else None, FIELDS[msg["op"]] | AT)
+        allowed = (FIELDS[msg["op"]], TOPK_OPEN if msg["op"] == "open" else None, FIELDS[msg["op"]] | AT,
+                   FIELDS["verify"] | {"candidates"} if msg["op"] == "verify" else None)
         assert set(msg) in allowed, msg.keys()
         ids = msg.get("ids", [])
         ids = [i for row in ids for i in row] if msg["op"] in ("exact", "verify") else ids
+        ids = ids + [i for row in msg.get("candidates", []) for c in row for i in c]
         id_lists = msg.get("prompts", []) + [ids, msg.get("rows", []), msg.get("expand") or [], msg.get("drop", [])]
         assert all(type(v) is int for ids in id_lists for v in ids)
         messages.append(msg)
     secret_ids = tok(SECRET, add_special_tokens=False)["input_ids"]
     sent = [m["prompts"] for m in messages if m["op"] == "open"]
     asked = [i for m in messages if m["op"] == "exact" for row in m["ids"] for i in row]  # top-k candidates
+    asked += [i for m in messages if m["op"] == "verify" for row in m.get("candidates", []) for c in row for i in c]
     drafts = [row for m in messages if m["op"] == "verify" for row in m["ids"]]  # chosen id + draft, per row
     seqs = [p for ps in sent for p in ps] + [[i for m in messages if m["op"] == "step" for i in m["ids"]], asked]
     seqs += drafts

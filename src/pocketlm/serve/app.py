@@ -19,7 +19,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.websockets import WebSocketDisconnect
 
 from ..steer.cloud.in_process import eos_ids
-from ..steer.cloud.wire import FORMATS, MAX_TOPK, MAX_VERIFY, OPS, PATH, PROTOCOL, TOPK, tokenizer_fingerprint
+from ..steer.cloud.wire import (
+    FORMATS,
+    MAX_CANDIDATES,
+    MAX_TOPK,
+    MAX_VERIFY,
+    OPS,
+    PATH,
+    PROTOCOL,
+    TOPK,
+    tokenizer_fingerprint,
+)
 from .batcher import BATCH_BUCKETS, Batcher, ServeError, Session, Work
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,20 @@ class Limits:
 
 def _status_close(status: int) -> int:
     return 4000 + status  # WebSocket application close codes mirror the HTTP status
+
+
+def _candidates(given, rows: int, positions: int, vocab: int) -> list[list[list[int]]] | None:
+    """A verify's optional `candidates`: per row, per position, at most MAX_CANDIDATES ids (top-k sessions score
+    them exactly; others ignore them)."""
+    if given is None:
+        return None
+    if (not isinstance(given, list) or len(given) != rows
+            or any(not isinstance(r, list) or len(r) != positions for r in given)):
+        raise ServeError(400, "verify: candidates must hold one list per position for every row")
+    out = [[_ints(c, "candidates", 0, vocab) for c in r] for r in given]
+    if any(len(c) > MAX_CANDIDATES for r in out for c in r):
+        raise ServeError(400, f"verify: at most {MAX_CANDIDATES} candidates per position")
+    return out
 
 
 def _ints(value, name: str, low: int, high: int) -> list[int]:
@@ -91,7 +115,7 @@ class SteerServer:
             rows = [_ints(i, "ids", 0, V) for i in ids]
             if not 1 <= len(rows[0]) <= MAX_VERIFY or any(len(r) != len(rows[0]) for r in rows):
                 raise ServeError(400, f"verify: every row needs the same number of ids, 1..{MAX_VERIFY}")
-            return op, {"ids": rows}
+            return op, {"ids": rows, "candidates": _candidates(msg.get("candidates"), len(rows), len(rows[0]), V)}
         if op == "rewind":
             return op, {"drop": _ints(msg.get("drop"), "drop", 0, MAX_VERIFY)}
         if op == "keep":

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import PocketLMError
 from ..steer.cloud.wire import encode_scores, encode_topk
-from ..steer.downlink.topk import truncate
+from ..steer.downlink.topk import TopKLogits, truncate
 from ..steer.streams.prefill import unique_prompts
 from .pool import KVPool
 
@@ -55,10 +55,12 @@ class Session:
         self.last = logits[:, : self.columns].float().cpu()
         return encode_topk(truncate(self.last, self.topk))
 
-    def encode_verify(self, logits: torch.Tensor, ids: list[list[int]]) -> bytes:
+    def encode_verify(self, logits: torch.Tensor, ids: list[list[int]],
+                      candidates: list[list[list[int]]] | None = None) -> bytes:
         """A verify's frame: `[rows, T, V]` flattened row-major (row i's position j at i*T + j). In the top-k
         format each position also carries the exact score of the draft token sent after it (`ids[i][j + 1]`):
-        the token the device will most likely choose there, so its certification needs no extra ask."""
+        the token the device will most likely choose there, so its certification needs no extra ask; and of
+        the position's `candidates` (the ids the device expects its certification to ask about)."""
         n, t = logits.shape[:2]
         if self.topk is None:
             return encode_scores(logits.reshape(n * t, -1), self.fmt)
@@ -72,7 +74,21 @@ class Session:
             top.bound[swap] = top.scores[swap, -1]
             top.ids[swap, -1] = nxt[swap]
             top.scores[swap, -1] = flat[swap, nxt[swap]]
+        if candidates:
+            top = self._with_candidates(top, flat, [c for row in candidates for c in row])
         return encode_topk(top)
+
+    def _with_candidates(self, top: TopKLogits, flat: torch.Tensor, per_row: list[list[int]]) -> TopKLogits:
+        """`top` with each row's candidate ids and their exact scores appended (padding: the id `columns`)."""
+        width = max(len(c) for c in per_row)
+        if width == 0:
+            return top
+        extra = torch.full((len(per_row), width), self.columns, dtype=top.ids.dtype)
+        for i, c in enumerate(per_row):
+            extra[i, : len(c)] = torch.tensor(c, dtype=top.ids.dtype).clamp_max(self.columns)
+        valid = extra < self.columns
+        scores = torch.where(valid, flat.gather(1, extra.clamp_max(self.columns - 1).long()), top.bound.unsqueeze(1))
+        return TopKLogits(torch.cat([top.ids, extra], 1), torch.cat([top.scores, scores], 1), top.bound, top.lse)
 
 
 @dataclass
@@ -310,7 +326,8 @@ class Batcher:
             if w.kind == "verify":
                 t = len(w.args["ids"][0])
                 w.session.used = [u + t for u in w.session.used]
-                self._settle(w, w.session.encode_verify, logits[start:start + n, :t], w.args["ids"])
+                self._settle(w, w.session.encode_verify, logits[start:start + n, :t], w.args["ids"],
+                             w.args.get("candidates"))
             else:
                 w.session.used = [u + 1 for u in w.session.used]
                 self._settle(w, w.session.encode, logits[start:start + n, 0])

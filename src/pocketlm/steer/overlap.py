@@ -9,6 +9,7 @@ only if asked (`sync_timings`): synchronising would serialise the overlapped ste
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,12 +61,14 @@ class Overlap:
 
     # -- one decode step -----------------------------------------------------------------------------
     def step(self, cloud, cloud_ids: torch.Tensor, device, dev_ids: torch.Tensor, overlap: bool,
-             cloud_op: str = "step"):
+             cloud_op: str = "step", **cloud_kw):
         """Step the cloud and/or the device streams (either may be None); returns (cloud logits, device scores).
         `cloud_op="extend"`: the cloud verifies a speculative draft (`cloud_ids` `[B, T]`) meanwhile."""
         if cloud is not None and device is not None and overlap:
-            return self._step_both(cloud, cloud_ids, device, dev_ids, cloud_op)
-        cl = self.timed("cloud", getattr(cloud, cloud_op), cloud_ids) if cloud is not None else None
+            return self.beside(cloud, cloud_ids, lambda fut: self.timed("device", device.step, dev_ids), cloud_op,
+                               **cloud_kw)
+        op = functools.partial(getattr(cloud, cloud_op), **cloud_kw) if cloud is not None else None
+        cl = self.timed("cloud", op, cloud_ids) if cloud is not None else None
         dev = self.timed("device", device.step, dev_ids) if device is not None else None
         return cl, dev
 
@@ -77,12 +80,9 @@ class Overlap:
             with torch.cuda.stream(self._side_stream):
                 return self.measure(op, ids)
 
-    def _step_both(self, cloud, cloud_ids, device, dev_ids, cloud_op: str = "step"):
-        return self.beside(cloud, cloud_ids, lambda fut: self.timed("device", device.step, dev_ids), cloud_op)
-
-    def beside(self, cloud, cloud_ids: torch.Tensor, work, cloud_op: str = "step"):
-        """Run the cloud's `cloud_op` in the worker and `work(future)` here meanwhile (it may poll
-        `future.done()` to stop in time); returns (cloud result, work's result)."""
+    def beside(self, cloud, cloud_ids: torch.Tensor, work, cloud_op: str = "step", **cloud_kw):
+        """Run the cloud's `cloud_op` (with `cloud_kw`) in the worker and `work(future)` here meanwhile (it may
+        poll `future.done()` to stop in time); returns (cloud result, work's result)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
         main = None
@@ -92,7 +92,8 @@ class Overlap:
             main = torch.cuda.current_stream(cloud_ids.device)
             self._side_stream.wait_stream(main)
             cloud_ids.record_stream(self._side_stream)
-        fut = self._pool.submit(self._cloud_in_worker, getattr(cloud, cloud_op), cloud_ids)
+        op = getattr(cloud, cloud_op)
+        fut = self._pool.submit(self._cloud_in_worker, functools.partial(op, **cloud_kw) if cloud_kw else op, cloud_ids)
         try:
             dev = work(fut)
         finally:

@@ -154,12 +154,13 @@ class SpeculativeRound:
         last = e.align.to_device(ids[:, -1]).to(self.dev_device)
         cloud_ids = e.align.to_cloud(ids)
         nxt = self._ahead_budget(emitted, lengths, k_used)
+        kw = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
         ahead = None
         if nxt is not None:
             cl, (dev_last, ahead) = self._verify_beside(cloud, cloud_ids, lambda stop: draft_ahead(
-                self, device, last, drafts, nxt, stop))
+                self, device, last, drafts, nxt, stop), kw)
         else:
-            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend")
+            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", **kw)
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
@@ -168,7 +169,35 @@ class SpeculativeRound:
         return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
                             offset=0 if prefilled is None else 1, ahead=ahead)
 
-    def _verify_beside(self, cloud, cloud_ids, work):
+    def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int) -> dict:
+        """For a top-k cloud that takes them (`verify_candidates` = m): per row and verified position, the m ids
+        the device's delta favours most, so that certification asks about them ride in the verify's round trip.
+        Only rows whose rule uses the context, only positions the row decides (verified position i decides draft
+        index i + offset) and whose device scores exist before the verify leaves (not the last one, stepped
+        meanwhile). Sorted by id: the order says nothing."""
+        m = getattr(cloud, "verify_candidates", 0)
+        if not m:
+            return {}
+        e, plan, n = self.e, self.plan, self.plan.live.numel()
+        steers = torch.zeros(n, dtype=torch.bool)
+        for g, pos in plan._positions(plan.live):
+            steers[pos] = bool(g.rule.needs_ctx)
+        out = [[[] for _ in range(positions)] for _ in range(n)]
+        for i in range(positions):
+            j = i + offset
+            if j >= len(dev_seq):
+                break
+            view = e._view(CloudStep(None), dev_seq[j], plan.live)
+            if view.ctx is None or view.plain is None:
+                continue
+            top = (view.ctx - view.plain).topk(min(m, view.ctx.shape[-1]), dim=-1).indices
+            ids = e.align.to_cloud(top.cpu()).sort(dim=-1).values.tolist()
+            for p in range(n):
+                if bool(steers[p]) and j <= int(lengths[p]):
+                    out[p][i] = ids[p]
+        return {"candidates": out} if any(c for row in out for c in row) else {}
+
+    def _verify_beside(self, cloud, cloud_ids, work, cloud_kw: dict):
         """The verify in the worker and `work(stop)` here: `stop()` says not to start another device step, because
         the verify has returned or (from the running means of earlier verifies and device steps) a step started
         now would end after it; a step that overruns the verify delays the next round."""
@@ -185,7 +214,7 @@ class SpeculativeRound:
                 return False
             return time.perf_counter() - t_sent + est["step"] > est["verify"]
 
-        out = clock.beside(cloud, cloud_ids, lambda fut: work(lambda: stop(fut)), "extend")
+        out = clock.beside(cloud, cloud_ids, lambda fut: work(lambda: stop(fut)), "extend", **cloud_kw)
         steps = clock.calls.get("device", 0) - dev_n
         for key, value in (("verify", clock.timings.get("cloud", 0.0) - cloud_s),
                            ("step", (clock.timings.get("device", 0.0) - dev_s) / steps if steps else None)):

@@ -132,10 +132,12 @@ class RemoteCloud:
         self._send(wire.op("step", ids=token_ids.view(-1).tolist()))
         return self._scores()
 
-    def extend(self, token_ids: torch.Tensor) -> list:
-        """One `verify` round trip: T ids per live row up, T score rows per live row down (every format)."""
+    def extend(self, token_ids: torch.Tensor, candidates: list | None = None) -> list:
+        """One `verify` round trip: T ids per live row up, T score rows per live row down (every format).
+        `candidates` (top-k only): per row and position, ids whose exact scores should come with the rows."""
         b, t = token_ids.shape
-        self._send(wire.op("verify", ids=token_ids.tolist()))
+        extra = {} if candidates is None else {"candidates": candidates}
+        self._send(wire.op("verify", ids=token_ids.tolist(), **extra))
         scores = self._scores()
         index = torch.arange(b) * t
         return [scores[index + j] for j in range(t)]
@@ -160,6 +162,9 @@ class RemoteCloud:
         self.close()
 
 
+VERIFY_CANDIDATES = 16
+
+
 class RemoteTopK(Truncating, RemoteCloud):
     """`RemoteCloud` with the certified top-k downlink (a `PartialCloud`): each step brings the k best ids and
     their logits plus a bound, about 8k bytes per row instead of 4V; the engine asks `exact` for the few ids the
@@ -175,6 +180,9 @@ class RemoteTopK(Truncating, RemoteCloud):
             raise RemoteCloudError(f"top-k must be in 1..{wire.MAX_TOPK}, got {k}")
         self.k, self.ask = k, ask
         self.columns = self.vocab_rows  # the engine narrows it to the fused vocabulary
+        # per verified position, the ids the device's delta favours most go up with the verify, so that asks
+        # about them ride in its round trip (never with ask=False: then no candidate id leaves the device)
+        self.verify_candidates = VERIFY_CANDIDATES if ask else 0
 
     def _open_fields(self) -> dict:
         return {"format": wire.TOPK, "topk": self.k, "columns": self.columns}

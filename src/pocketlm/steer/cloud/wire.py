@@ -7,6 +7,7 @@ JSON text ops and the server answers `open` and `step` with one binary scores fr
         {"op": "open", ..., "format": "topk", "topk": k, "columns": n}   the certified top-k downlink
         {"op": "step", "ids": [id, ...]}        one chosen id per live row
         {"op": "verify", "ids": [[id, ...], ...]}   T ids per live row (a chosen id + a draft): T score rows each
+        {"op": "verify", ..., "candidates": [[[id, ...] x T] per row]}   topk only: ids to score exactly per position
         {"op": "rewind", "drop": [d, ...]}      forget each live row's last d ids (a rejected draft; no reply)
         {"op": "keep", "rows": [r, ...]}        strictly increasing live-row indices (no reply)
         {"op": "exact", "rows": [r, ...], "ids": [[id, ...], ...]}   topk only: this step's exact logits of a few ids
@@ -23,7 +24,9 @@ logits (f32) over the first `columns` columns, then the (k+1)-th logit (the boun
 row's logsumexp (f32), about 8k + 8 bytes per row instead of 4V. A verify's frame holds B*T rows, live row
 i's position j at row i*T + j; in the top-k format each position lists k + 1 ids: the k best and the draft token
 sent after it (exactly scored, so accepting it needs no `exact` ask), or the k + 1 best when the draft is among
-them (the bound is then the (k + 2)-th). The device certifies its greedy choice from
+them (the bound is then the (k + 2)-th), plus the position's `candidates` (up to MAX_CANDIDATES ids the device
+expects to need, exactly scored; short lists are padded with the id `columns`, which the client drops). The
+device certifies its greedy choice from
 that and asks `exact` for the few ids it cannot rule out (`steer/certify.py`); answers to `exact` / `full` are
 `f32` frames (`exact`: one row of all asked ids in order).
 """
@@ -48,6 +51,7 @@ _BY_CODE = {code: (name, dtype) for name, (code, dtype) in FORMATS.items()}
 TOPK, TOPK_CODE, MAX_TOPK = "topk", 4, 4096
 OPS = ("open", "step", "verify", "rewind", "keep", "exact", "more", "full", "close")
 MAX_VERIFY = 33  # ids per row in one verify: a chosen token and a draft of up to 32
+MAX_CANDIDATES = 32  # ids per verified position whose exact scores a top-k verify may ask for up front
 
 
 class RemoteCloudError(PocketLMError):
