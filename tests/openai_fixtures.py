@@ -5,8 +5,10 @@ greedy tokens, `logprobs=N` top log-probs per position keyed by the decoded toke
 with one string collapse and the lower value wins, as in llama-cpp-python) or by `token_id:N` when
 `return_tokens_as_token_ids` is set (vLLM), `echo` with the prompt's own log-probs, `logit_bias` applied to
 the sampler only. `llama_style` renders tokens as llama-cpp-python does (special tokens as "", partial UTF-8
-dropped) and answers no log-probs when its greedy token ends the text. Faults for the error tests:
-`fault` = "500" | "malformed" | "nologprobs" | "slow".
+dropped) and answers no log-probs when its greedy token ends the text. `echo_after` echoes as llama-cpp-python 0.3
+does: at token i the distribution *after* it, only the tokens it evaluated (the prompt, not the completion's last
+token). Faults for the error tests:
+`fault` = "500" | "malformed" | "nologprobs" | "slow" | "drop_once" (close the connection without an answer, once).
 A stdlib `ThreadingHTTPServer` on 127.0.0.1, stopped by `close()`.
 """
 
@@ -24,8 +26,9 @@ class CompletionsModel:
     """The completion semantics, apart from HTTP."""
 
     def __init__(self, model, tokenizer, *, max_logprobs: int = 50, ids_prompts: bool = True,
-                 llama_style: bool = False):
+                 llama_style: bool = False, echo_after: bool = False):
         self.model, self.tok = model, tokenizer
+        self.echo_after = echo_after
         self.max_logprobs, self.ids_prompts, self.llama_style = max_logprobs, ids_prompts, llama_style
         self.special = set(tokenizer.all_special_ids)
         self.eos = {tokenizer.eos_token_id}
@@ -84,7 +87,14 @@ class CompletionsModel:
         start = 0 if echo else len(ids)
         choice = {"index": 0, "text": self.tok.decode(seq[start:] if echo else seq[len(ids):]),
                   "finish_reason": finish, "logprobs": None}
-        if n is not None:
+        if n is not None and echo and self.echo_after:
+            lp = self.logprobs(seq)
+            shown = seq[:len(seq) - 1] if len(seq) > len(ids) else seq  # the completion's last token is not evaluated
+            choice["logprobs"] = {"tokens": [self.piece(t, as_ids) for t in shown],
+                                  "token_logprobs": [None] + [float(lp[j, t]) for j, t in enumerate(shown)][1:],
+                                  "top_logprobs": [None] + [self.top(lp[j], n, t, as_ids) for j, t in enumerate(shown)][1:],
+                                  "text_offset": [len(self.tok.decode(shown[:j])) for j in range(len(shown))]}
+        elif n is not None:
             lp = self.logprobs(seq)
             tokens = [self.piece(t, as_ids) for t in seq[start:]]
             values = [None if j == 0 else float(lp[j - 1, seq[j]]) for j in range(start, len(seq))]
@@ -145,6 +155,10 @@ class OpenAIServer:
                     return self._send(200, b'{"choices": [')
                 if fault == "slow":
                     time.sleep(3)
+                if fault == "drop_once":  # as a server closing a kept-alive connection the client just reused
+                    server.fault = None
+                    self.close_connection = True
+                    return
                 code, doc = server.core.complete(body)
                 if fault == "nologprobs" and code == 200:
                     doc["choices"][0]["logprobs"] = None

@@ -193,7 +193,7 @@ def test_eval_steer_reports_drafts_and_leakage_over_everything_sent(pair, tmp_pa
 def test_a_cloud_that_cannot_verify_decodes_without_speculation(pair, caplog):
     cloud, device, tok = pair
 
-    class StepOnly:  # a backend with no multi-token append (as the OpenAI-compatible one, for now)
+    class StepOnly:  # a backend with no multi-token append (a third-party cloud that only steps)
         def __init__(self, inner):
             self.inner = inner
 

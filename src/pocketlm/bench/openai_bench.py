@@ -6,6 +6,11 @@ per top-K: per K, the share of cloud rows the top-K alone certified, the exact l
 ask for (wider answers and echo requests), rows left uncertified, requests, bytes up and down and wall time
 per generated token, the mean round trip per request (all, and the step requests alone), the rows whose choice
 left out ids no answer could name, and how many generations equal the widest K's.
+
+With `speculate=K` each top-K also runs speculative steering (K drafted tokens per verify) with both verify
+modes (openai_verify.py: `parallel`, `echo`): tok/s, tokens per round trip and whether the tokens equal the
+sequential run of the same top-K. `rtt_ms` puts `serve.wan.DelayProxy` between the device and the server (every
+chunk held RTT/2 each way), so a round trip costs what a WAN charges.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from pathlib import Path
 from ..errors import PocketLMError
 from ..models.builtin import BUILTIN_MODELS, builtin_gguf
 from ..progress import progress
+from ..serve.wan import DelayProxy
 from ..steer.cloud.openai import OpenAICloud
 from ..steer.downlink.certify import DownlinkStats
 from ..steer.engine import SteerEngine, SteerRequest
 from ..steer.fusion.methods import parse_methods
+from ..steer.speculative import Speculation
 from .downlink_bench import REQUESTS
 from .geometries import load_bench_model
 from .serve_bench import _free_port
+
+VERIFY_CONFIGS = ("parallel", "echo")
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +101,20 @@ class LlamaServer:
             raise PocketLMError(f"the llama.cpp server died during the run ({how}): {tail}") from exc
 
 
-def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int) -> dict:
+def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, requests: int,
+           speculate: int = 0) -> dict:
     ms = parse_methods(methods)
-    engine = SteerEngine(cloud, dev_tok, dev_model, dev_tok)
+    engine = SteerEngine(cloud, dev_tok, dev_model, dev_tok, speculate=Speculation(speculate))
     stats = DownlinkStats()
     gens, t0 = [], time.perf_counter()
+    spec_tokens = spec_trips = 0
     for q, c in REQUESTS[:requests]:  # one request's methods per generate (a device batch)
         out = engine.generate([SteerRequest.with_context(q, c)] * len(ms), ms, max_new_tokens=tokens)
         gens += out
         stats.add(out.stats.downlink)
+        if out.stats.speculation:
+            spec_tokens += out.stats.speculation["tokens"]
+            spec_trips += out.stats.speculation["row_round_trips"]
     wall = time.perf_counter() - t0
     engine.close()
     made = sum(len(g.token_ids) for g in gens)
@@ -113,32 +127,48 @@ def _steer(cloud: OpenAICloud, dev_model, dev_tok, methods: str, tokens: int, re
             "round_trip_ms": 1000 * http.seconds / http.requests, "ms_per_token": 1000 * wall / made,
             "step_round_trip_ms": 1000 * cloud.step_seconds / cloud.stats["step_requests"],
             "excluded_share": cloud.stats["excluded_steps"] / totals["rows"],
-            "exact_ids_per_token": totals["exact_ids"] / made}
+            "exact_ids_per_token": totals["exact_ids"] / made, "tok_s": made / wall, "speculate": speculate,
+            "tokens_per_round_trip": spec_tokens / spec_trips if spec_trips else None}
 
 
 def bench_openai(server: str | None, local: str, *, gguf: str = "smollm2-135m", ks: tuple[int, ...] = (20, 50),
                  tokens: int = 32, requests: int = 4, methods: str = "closed_form,plausible", prompt: str = "auto",
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, speculate: int = 0, rtt_ms: float = 0.0) -> dict:
     """Steer through `server` (`openai+http://...`), or through a llama.cpp server started here on `gguf`."""
     dev_model, dev_tok = load_bench_model(local, seed=1)
-    doc: dict = {"local": local, "tokens": tokens, "methods": methods, "requests": requests, "rows": {}}
+    doc: dict = {"local": local, "tokens": tokens, "methods": methods, "requests": requests, "rows": {},
+                 "speculate": speculate, "rtt_ms": rtt_ms}
     started = None
     if server is None:
         started = LlamaServer(gguf, threads=threads).wait_ready()
         server, doc["cloud"] = started.url, f"llama-cpp-python server, {gguf}"
     else:
         doc["cloud"] = server
+    proxy = None
     try:
-        for k in progress(sorted(ks), desc="top-K", total=len(ks)):
-            with OpenAICloud(server, dev_tok, logprobs=k, prompt=prompt, timeout=300) as cloud:
-                row = _steer(cloud, dev_model, dev_tok, methods, tokens, requests)
-                row.update(k=cloud.k, prompt_mode=cloud.prompt_mode, served=cloud.model_name)
-                doc["rows"][f"K={k}"] = row
+        url = server.removeprefix("openai+")
+        if rtt_ms:
+            host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+            proxy = DelayProxy(host, int(port), rtt_ms).start()
+            url = proxy.url
+        configs = [(k, 0, "parallel") for k in sorted(ks)]
+        configs += [(k, speculate, mode) for k in sorted(ks) for mode in VERIFY_CONFIGS] if speculate else []
+        for k, spec, mode in progress(configs, desc="bench openai", total=len(configs)):
+            with OpenAICloud(url, dev_tok, logprobs=k, prompt=prompt, timeout=300, verify=mode) as cloud:
+                row = _steer(cloud, dev_model, dev_tok, methods, tokens, requests, spec)
+                row.update(k=cloud.k, prompt_mode=cloud.prompt_mode, served=cloud.model_name,
+                           verify=mode if spec else None)
+                doc["rows"][f"K={k}" + (f" speculate={spec} {mode}" if spec else "")] = row
     finally:
+        if proxy is not None:
+            proxy.stop()
         if started is not None:
             started.stop()
     widest = doc["rows"][f"K={max(ks)}"]["generations"]
+    sequential = {r["k"]: r["generations"] for r in doc["rows"].values() if not r["speculate"]}
     for row in doc["rows"].values():
-        row["identical_to_widest"] = sum(a == b for a, b in zip(row.pop("generations"), widest, strict=True))
+        gens = row.pop("generations")
+        row["identical_to_widest"] = sum(a == b for a, b in zip(gens, widest, strict=True))
+        row["identical_to_sequential"] = sum(a == b for a, b in zip(gens, sequential[row["k"]], strict=True))
         row["generations"] = len(widest)
     return doc

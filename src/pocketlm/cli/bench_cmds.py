@@ -200,19 +200,25 @@ def bench_openai_cmd(
     tokens: int = typer.Option(32, help="New tokens per generation at most."),
     requests: int = typer.Option(4, help="Built-in requests (query + private context), 1..4."),
     prompt: str = typer.Option("auto", help="Prompt mode: auto | ids | text."),
+    speculate: int = typer.Option(0, help="Also steer speculatively with this many drafted tokens per verify, "
+                                  "with each verify mode (parallel, echo); 0: sequential only."),
+    rtt: float = typer.Option(0.0, help="Round-trip time (ms) added between the device and the server by a "
+                              "delaying loopback proxy."),
+    threads: int = typer.Option(None, help="Threads of the started llama.cpp server."),
     json_out: JsonOutOpt = None,
 ) -> None:
-    """Steering through an OpenAI-compatible server: top-K certification, exact requests, round trip and bytes."""
+    """Steering through an OpenAI-compatible server: top-K certification, exact requests, round trip and bytes;
+    with --speculate, speculative steering (tok/s, tokens per round trip, same tokens as sequential)."""
     from ..bench.openai_bench import bench_openai
 
     k_list = int_list(ks, "--ks")
     if server is None:
         _require_llama_cpp()
     doc = bench_openai(server, local, gguf=gguf, ks=k_list, tokens=tokens, requests=requests, methods=methods,
-                       prompt=prompt)
+                       prompt=prompt, threads=threads, speculate=speculate, rtt_ms=rtt)
     doc.update(**machine())
     show(_openai_table(doc, f"OpenAI-compatible cloud: {doc['cloud']} / device {local}, {methods}, greedy, "
-                            f"on {doc['hardware']}"), doc, json_out)
+                            f"RTT {rtt:g} ms, on {doc['hardware']}"), doc, json_out)
 
 
 def _require_llama_cpp() -> None:
@@ -225,14 +231,16 @@ def _require_llama_cpp() -> None:
 
 def _openai_table(doc: dict, title: str) -> Table:
     table = Table(title=title)
-    for col in ("K", "prompts", "certified by top-K", "ids asked/token", "uncertified", "excluded",
-                "requests/token", "step round trip ms", "ms/token", "bytes up/token", "bytes down/token",
-                "same as widest K"):
+    for col in ("config", "prompts", "certified by top-K", "ids asked/token", "uncertified", "excluded",
+                "requests/token", "step round trip ms", "tok/s", "tokens/round trip", "bytes up/token",
+                "bytes down/token", "same as widest K", "same as sequential"):
         table.add_column(col, justify="right")
     for name, r in doc["rows"].items():
+        per_rt = r.get("tokens_per_round_trip")
         table.add_row(name, r["prompt_mode"], f"{r['certified_share']:.1%}", f"{r['exact_ids_per_token']:.2f}",
                       str(r["uncertified"]), f"{r['excluded_share']:.1%}", f"{r['requests_per_token']:.2f}",
-                      f"{r['step_round_trip_ms']:.0f}",
-                      f"{r['ms_per_token']:.0f}", f"{r['bytes_up_per_token']:,.0f}",
-                      f"{r['bytes_down_per_token']:,.0f}", f"{r['identical_to_widest']}/{r['generations']}")
+                      f"{r['step_round_trip_ms']:.0f}", f"{r['tok_s']:.2f}", "-" if per_rt is None else f"{per_rt:.2f}",
+                      f"{r['bytes_up_per_token']:,.0f}", f"{r['bytes_down_per_token']:,.0f}",
+                      f"{r['identical_to_widest']}/{r['generations']}",
+                      f"{r['identical_to_sequential']}/{r['generations']}")
     return table

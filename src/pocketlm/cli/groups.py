@@ -33,6 +33,7 @@ from .options import (
     CloudOpt,
     CloudPromptOpt,
     CloudTokenOpt,
+    CloudVerifyOpt,
     DeviceOpt,
     DraftAheadOpt,
     DraftOpt,
@@ -71,6 +72,7 @@ class EngineOptions:
     cloud_token: CloudTokenOpt = None
     cloud_logprobs: CloudLogprobsOpt = 20
     cloud_prompt: CloudPromptOpt = "auto"
+    cloud_verify: CloudVerifyOpt = "parallel"
     speculate: SpeculateOpt = 0
     draft: DraftOpt = "fused"
     draft_ahead: DraftAheadOpt = False
@@ -90,6 +92,7 @@ class EngineOptions:
         return load_engine(self.cloud, self.local, device=self.device, dtype=self.dtype, vocab=self.vocab,
                            kv=self.kv, overlap=self.overlap, cloud_token=self.cloud_token,
                            cloud_logprobs=self.cloud_logprobs, cloud_prompt=self.cloud_prompt,
+                           cloud_verify=self.cloud_verify,
                            adapters=personal.adapter_dir if personal else None,
                            cloud_format=downlink.cloud_format if downlink else "f32",
                            speculate=self.speculation, **library)

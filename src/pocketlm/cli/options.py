@@ -47,6 +47,10 @@ CloudTokenOpt = Annotated[str, typer.Option(envvar="POCKETLM_CLOUD_TOKEN", help=
 CloudLogprobsOpt = Annotated[int, typer.Option(
     help="OpenAI-compatible cloud: top log-probs asked per step (lowered to the server's cap; vLLM "
          "--max-logprobs, llama.cpp answered up to 50).")]
+CloudVerifyOpt = Annotated[str, typer.Option(
+    help="OpenAI-compatible cloud, with --speculate: how a draft is scored in one round trip: parallel (one step "
+         "request per drafted position, all at once; exactly the sequential scores) | echo (one echo request per "
+         "row beside one step; llama.cpp's echoed scores drift by ~0.1 nat).")]
 CloudPromptOpt = Annotated[str, typer.Option(
     help="OpenAI-compatible cloud prompts: ids (vLLM; exact) | text (llama.cpp; the server re-tokenizes) | auto "
          "(ids, else text).")]

@@ -19,7 +19,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
                 loader: Callable = load_model, slice_to_tokenizer: bool = True,
                 overlap: bool | None = None, kv: str = "auto", cloud_token: str | None = None,
                 cloud_format: str = "f32", adapters: str | None = None, cloud_logprobs: int = 20,
-                cloud_prompt: str = "auto", speculate: Speculation | int = 0) -> SteerEngine:
+                cloud_prompt: str = "auto", speculate: Speculation | int = 0,
+                cloud_verify: str = "parallel") -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
     knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
     One spec for both roles loads one model.
@@ -28,7 +29,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     (moe.personal.load_personal reads both): the device becomes that user's personal model (the base tensors stay shared with the cloud when both specs name one model).
     `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
     downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up).
-    `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`."""
+    `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`.
+    `cloud_verify` (OpenAI-compatible cloud): parallel | echo, how a draft is verified (openai_verify.py)."""
     if is_remote(cloud_spec) or is_openai(cloud_spec):
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
@@ -37,7 +39,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
         if is_openai(cloud_spec):
             from .cloud.openai import OpenAICloud  # httpx: the `serve` extra
 
-            cloud = OpenAICloud(cloud_spec, dev_tok, api_key=token, logprobs=cloud_logprobs, prompt=cloud_prompt)
+            cloud = OpenAICloud(cloud_spec, dev_tok, api_key=token, logprobs=cloud_logprobs, prompt=cloud_prompt,
+                                verify=cloud_verify)
         else:
             from .cloud.remote import RemoteCloud, RemoteTopK  # the `serve` extra
 

@@ -16,7 +16,8 @@ The server cannot prove which tokenizer it uses: pass the device model of the *s
 tokenizer maps the server's token strings back to ids); `/v1/models` names the served model, logged at start.
 
 Requests for several rows run concurrently on a small thread pool; rows with one id sequence share a
-request. Every wait is bounded (`timeout`, `connect_timeout`).
+request. Every wait is bounded (`timeout`, `connect_timeout`). Speculative steering verifies a draft in one
+round trip (`extend`, `rewind`, certification asks at any verified position: openai_verify.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from ..downlink.topk import TopKLogits, Truncating
 from .in_process import eos_ids
 from .openai_http import LogprobsCapped, NotCertifiable, OpenAICloudError, Transport
 from .openai_pieces import PieceMap, RowTop, parse_top
+from .openai_verify import VERIFY_MODES, Verifying
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", "is_openai"]
+__all__ = ["NotCertifiable", "OpenAICloud", "OpenAICloudError", "PROMPT_MODES", "VERIFY_MODES", "is_openai"]
 
 PROMPT_MODES = ("auto", "ids", "text")
 SCHEME = "openai+"
@@ -52,15 +54,17 @@ def is_openai(spec: str) -> bool:
     return spec.startswith((SCHEME + "http://", SCHEME + "https://"))
 
 
-class OpenAICloud(Truncating):
+class OpenAICloud(Verifying, Truncating):
     """`PartialCloud` over `/v1/completions`. `tokenizer`: the device's (the same model's tokenizer as the
     server's). `logprobs`: K per step (lowered once to the server's cap when it names one). `prompt`:
     auto | ids | text. `api_key`: sent as a bearer token (default: env POCKETLM_OPENAI_KEY). `max_exact`: a row
-    needing more echo requests than this in one step is left uncertified (one request per id)."""
+    needing more echo requests than this in one step is left uncertified (one request per id). `verify`: how a
+    speculative draft is scored in one round trip, `parallel` | `echo` (openai_verify.py)."""
 
     def __init__(self, url: str, tokenizer, *, api_key: str | None = None, logprobs: int = 20,
                  prompt: str = "auto", model: str | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 10.0, concurrency: int = 4, max_exact: int = 32):
+                 connect_timeout: float = 10.0, concurrency: int = 4, max_exact: int = 32,
+                 verify: str = "parallel"):
         if prompt not in PROMPT_MODES:
             raise OpenAICloudError(f"unknown prompt mode {prompt!r}; choose from {', '.join(PROMPT_MODES)}")
         if logprobs < 1:
@@ -87,6 +91,7 @@ class OpenAICloud(Truncating):
                                     "excluded_ids", "excluded_steps", "misaligned"), 0)
         self._lock = threading.Lock()
         self.step_seconds = 0.0  # summed round trips of the step requests alone
+        self._init_verify(verify)
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -207,7 +212,7 @@ class OpenAICloud(Truncating):
         likely = [ids or set() for v, ids in row.ambiguous if max(v, hidden) >= END_LIKELY]
         for e in sorted(set().union(*likely) & self.eos_token_ids):
             try:
-                value = self._echo(seq, e, row)
+                value = self._echo(seq, row, e)
             except NotCertifiable as err:
                 log.debug("end token %d not resolved: %s", e, err)
                 continue
@@ -220,7 +225,7 @@ class OpenAICloud(Truncating):
                 row.rest -= math.exp(value)
         row.rebound()
 
-    def _echo(self, seq: list[int], cand: int, row: RowTop) -> float:
+    def _echo(self, seq: list[int], row: RowTop, cand: int) -> float:
         """The exact log-prob of `cand` after `seq`, from an echo request on `seq + [cand]`, checked: the
         echoed position's best log-prob must equal the step's (else the server's echo does not line up)."""
         if self.prompt_mode == "text":
@@ -295,6 +300,7 @@ class OpenAICloud(Truncating):
 
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> TopKLogits:
         expand = list(range(len(prompts))) if expand is None else expand
+        self._forget_verify()
         self._seqs = [list(map(int, prompts[e])) for e in expand]
         return self._run(self._seqs)
 
@@ -303,6 +309,7 @@ class OpenAICloud(Truncating):
         if len(ids) != len(self._seqs):
             raise OpenAICloudError(f"{len(ids)} token ids for {len(self._seqs)} live rows")
         self.stats["excluded_steps"] += sum(self._excluded)
+        self._forget_verify()
         for seq, t in zip(self._seqs, ids, strict=True):
             seq.append(int(t))
         return self._run(self._seqs)
@@ -313,31 +320,35 @@ class OpenAICloud(Truncating):
         self._tops = [self._tops[i] for i in idx]
         self.stats["excluded_steps"] += sum(self._excluded[i] for i in range(len(self._excluded)) if i not in idx)
         self._excluded = [self._excluded[i] for i in idx]
+        self._keep_verified(idx)
 
     def release(self) -> None:
         self.stats["excluded_steps"] += sum(self._excluded)
         self._seqs, self._tops, self._excluded = [], [], []
+        self._forget_verify()
 
-    def _widened(self, r: int, missing: list[int], widths: tuple[int, ...] | None = None):
+    def _widened(self, r: int, missing: list[int], widths: tuple[int, ...] | None = None,
+                 position: int | None = None):
         """Log-probs of `missing` ids for live row `r` from the same step asked wider (top 1024, then the whole
         vocabulary): on llama.cpp a wider answer costs about what the step did, while an echo request scores
         every prompt position. Returns (found, the whole-vocabulary answer's `RowTop` if one was asked);
         ambiguous ids stay missing; a server that caps logprobs is not asked again."""
         found: dict[int, float] = {}
         whole = None
+        seq, row = self._state(r, position)
         for width in widths or (max(WIDE, 4 * self.k), self.vocab_rows):
             width = min(width, self.vocab_rows)
             if not self._wide or width <= self.k or len(found) == len(missing):
                 break
             try:
-                choice, _ = self._complete(self._seqs[r], logprobs=width)
+                choice, _ = self._complete(seq, logprobs=width)
             except LogprobsCapped as e:
                 log.info("%s caps logprobs (%s): exact log-probs come from echo requests", self.url, e)
                 self._wide = False
                 break
             self._count("wide_requests")
             top = self._tops_of(choice)
-            if top is None or not self._lines_up(top, self._tops[r]):
+            if top is None or not self._lines_up(top, row):
                 self._count("misaligned")
                 break
             wide = self._parse(top, width)
@@ -345,86 +356,91 @@ class OpenAICloud(Truncating):
             whole = wide if width == self.vocab_rows else None
         return found, whole
 
-    def _unnamed(self, r: int, c: int, whole: RowTop) -> float:
+    def _unnamed(self, r: int, c: int, whole: RowTop, position: int | None = None) -> float:
         """Id `c` has no exact value even in the whole-vocabulary answer (its string names several ids): by echo
         when it is a likely end token, else it is left out (`EXCLUDED`), counted: the choice is then the best
         among the ids the server names exactly, not certified over these few (specials, partial UTF-8 bytes,
         whose only sound upper bound is the leftover mass; a device delta on such tokens would let that win)."""
         if c in self.eos_token_ids and whole.bound >= END_LIKELY:
             try:
-                return self._echo(self._seqs[r], c, self._tops[r])
+                return self._echo(*self._state(r, position), c)
             except NotCertifiable as e:
                 log.debug("end token %d not resolved: %s", c, e)
         self._excluded[r] = True
         self._count("excluded_ids")
         return EXCLUDED
 
-    def more(self, rows: list[int], depth: int) -> TopKLogits:
-        """The `depth` best ids of these live rows and a new bound, from the same step asked with
-        `logprobs=depth` (concurrently); `NotCertifiable` where the server caps logprobs below it."""
+    def more(self, rows: list[int], depth: int, position: int | None = None) -> TopKLogits:
+        """The `depth` best ids of these live rows and a new bound, from the same step (or verified `position`)
+        asked with `logprobs=depth` (concurrently); `NotCertifiable` where the server caps logprobs below it."""
         if not self._wide:
             raise NotCertifiable(f"{self.url} caps logprobs; it cannot rank deeper than {self.k}")
 
         def deeper(r: int) -> RowTop:
             width = min(depth, self.vocab_rows)
+            seq, before = self._state(r, position)
             try:
-                choice, _ = self._complete(self._seqs[r], logprobs=width)
+                choice, _ = self._complete(seq, logprobs=width)
             except LogprobsCapped as e:
                 self._wide = False
                 raise NotCertifiable(f"{self.url} caps logprobs ({e})") from None
             self._count("wide_requests")
             top = self._tops_of(choice)
-            if top is None or not self._lines_up(top, self._tops[r]):
+            if top is None or not self._lines_up(top, before):
                 self._count("misaligned")
                 raise NotCertifiable(f"{self.url}'s deeper answer does not line up with its step answer")
-            row = self._settled(self._seqs[r], self._parse(top, width))
-            row.known = {**self._tops[r].known, **row.known}
-            self._tops[r] = row
+            row = self._settled(seq, self._parse(top, width))
+            row.known = {**before.known, **row.known}
+            self._put(r, position, row)
             return row
 
         return self._topk(list(self._pool.map(deeper, rows)))
 
-    def exact(self, rows: list[int], ids: list[list[int]]) -> list[torch.Tensor]:
-        """Log-probs of `ids[i]` for live row `rows[i]` at the current step: known ones from the step's answer,
+    def exact(self, rows: list[int], ids: list[list[int]], position: int | None = None) -> list[torch.Tensor]:
+        """Log-probs of `ids[i]` for live row `rows[i]` at the current step (or verified `position`): known ones
+        from the step's answer,
         the others from a wider answer (`_widened`); ids ambiguous even there are `_unnamed`; with a
         server that caps logprobs, echo requests (concurrently, at most `max_exact` per row, else
         `NotCertifiable`)."""
-        need = {r: [c for c in cs if c not in self._tops[r].known] for r, cs in zip(rows, ids, strict=True)}
+        tops = {r: self._state(r, position)[1] for r in rows}
+        need = {r: [c for c in cs if c not in tops[r].known] for r, cs in zip(rows, ids, strict=True)}
         asked = [r for r, cs in need.items() if cs]
-        wide = dict(zip(asked, self._pool.map(lambda r: self._widened(r, need[r]), asked), strict=True))
+        wide = dict(zip(asked, self._pool.map(lambda r: self._widened(r, need[r], position=position), asked),
+                        strict=True))
         got = {r: wide[r][0] for r in asked}
         jobs = []
         for r in asked:
             for c in [c for c in need[r] if c not in got[r]]:
                 if wide[r][1] is not None:
-                    got[r][c] = self._unnamed(r, c, wide[r][1])
+                    got[r][c] = self._unnamed(r, c, wide[r][1], position)
                 else:
                     jobs.append((r, c))
         if len(jobs) > self.max_exact * len(rows):
             raise NotCertifiable(f"{len(jobs)} ids to ask for {len(rows)} row(s), more than max_exact={self.max_exact} "
                                  "echo requests per row")
-        echoed = self._pool.map(lambda rc: self._echo(self._seqs[rc[0]], rc[1], self._tops[rc[0]]), jobs)
+        echoed = self._pool.map(lambda rc: self._echo(*self._state(rc[0], position), rc[1]), jobs)
         for (r, c), v in zip(jobs, echoed, strict=True):
             got[r][c] = v
-        return [torch.tensor([self._tops[r].known.get(c, got.get(r, {}).get(c, math.nan)) for c in cs],
+        return [torch.tensor([tops[r].known.get(c, got.get(r, {}).get(c, math.nan)) for c in cs],
                              dtype=torch.float32) for r, cs in zip(rows, ids, strict=True)]
 
-    def full(self, rows: list[int]) -> torch.Tensor:
+    def full(self, rows: list[int], position: int | None = None) -> torch.Tensor:
         """Whole rows from whole-vocabulary answers, where the server allows `logprobs` that wide (llama.cpp;
         unnamed ids as in `exact`); else `NotCertifiable` (vLLM's --max-logprobs caps it)."""
         out = torch.empty(len(rows), self.columns)
         for i, r in enumerate(rows):
-            found, whole = self._widened(r, list(range(self.columns)), (self.vocab_rows,))
+            found, whole = self._widened(r, list(range(self.columns)), (self.vocab_rows,), position)
             if whole is None:
                 raise NotCertifiable(f"{self.url} returns only its top-{self.k} log-probs: exact sampling needs the "
                                      "full distribution; decode greedily (certified) or sample in the truncated mode")
-            known = {**self._tops[r].known, **found}
-            out[i] = torch.tensor([known[c] if c in known else self._unnamed(r, c, whole)
+            known = {**self._state(r, position)[1].known, **found}
+            out[i] = torch.tensor([known[c] if c in known else self._unnamed(r, c, whole, position)
                                    for c in range(self.columns)])
         return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._close_verify()
         self.http.close()
 
     def __enter__(self) -> OpenAICloud:

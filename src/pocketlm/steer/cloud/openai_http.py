@@ -48,14 +48,15 @@ class Transport:
         import httpx  # the `serve` extra
 
         self._errors = (httpx.TimeoutException, httpx.HTTPError)
+        self._stale = httpx.RemoteProtocolError  # a kept-alive connection the server closed meanwhile
         base = base.rstrip("/")
         self.base = base.removesuffix("/v1")
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout),
-                                    limits=httpx.Limits(max_connections=16), trust_env=False)
+                                    limits=httpx.Limits(max_connections=64), trust_env=False)
         self._lock = threading.Lock()
-        self.bytes_up = self.bytes_down = self.requests = 0
+        self.bytes_up = self.bytes_down = self.requests = self.retries = 0
         self.seconds = 0.0  # summed round trips (concurrent requests overlap)
 
     def _count(self, up: int, down: int, seconds: float) -> None:
@@ -70,8 +71,14 @@ class Transport:
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
         t0 = time.perf_counter()
         try:
-            r = self._client.request(method, url, content=data or None,
-                                     headers={"Content-Type": "application/json"} if data else None)
+            try:
+                r = self._client.request(method, url, content=data or None,
+                                         headers={"Content-Type": "application/json"} if data else None)
+            except self._stale:  # the server closed an idle kept-alive connection as we reused it: once more,
+                # on a fresh one (every request here is idempotent: greedy scoring, no server state)
+                self.retries += 1
+                r = self._client.request(method, url, content=data or None,
+                                         headers={"Content-Type": "application/json"} if data else None)
         except self._errors[0]:
             raise OpenAICloudError(f"the OpenAI-compatible server at {url} did not answer within "
                                    f"{self.timeout:g} s") from None

@@ -104,3 +104,27 @@ def parse_top(top: dict[str, float], asked: int, pieces: PieceMap) -> RowTop:
     # leftover mass allows
     collided = len(top) < min(asked, pieces.size)
     return RowTop(known, min(values), 1.0 - sum(math.exp(v) for v in values), ambiguous, collided)
+
+
+def parse_echoed(top: dict[str, float], asked: int, extra: str, pieces: PieceMap) -> RowTop:
+    """An *echoed* position's `top_logprobs`: the top `asked` plus the entry of the token that stands at that
+    position (`extra`, its key), which servers add even when it ranks lower. An entry beyond the top-`asked`
+    must not lower the bound: when the dict holds one key more than asked, the bound comes from the others and
+    the extra value is simply known; when the extra key is the strict minimum of exactly `asked` keys, it may be
+    that extra with two top ids collapsed into one key, so the bound falls back to the leftover mass."""
+    if extra not in top or len(top) < 2:
+        return parse_top(top, asked, pieces)
+    others = {k: v for k, v in top.items() if k != extra}
+    value = float(top[extra])
+    if len(top) > min(asked, pieces.size):  # the extra entry came on top of a full top-`asked`
+        row = parse_top(others, asked, pieces)
+    else:
+        row = parse_top(top, asked, pieces)
+        if value < min(float(v) for v in others.values()):  # extra or the asked-th best: cannot tell
+            row.collided = True
+            row.rebound()
+        return row
+    ids = pieces.ids(extra)
+    if ids is not None and len(ids) == 1:
+        row.known[next(iter(ids))] = value
+    return row
