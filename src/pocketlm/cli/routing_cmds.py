@@ -1,4 +1,5 @@
-"""`pocketlm routing RUN`: token-level routing analysis of a finished run (pocketlm.eval.routing)."""
+"""`pocketlm routing RUN` (token-level routing of a finished run, eval.routing) and `pocketlm seeds FILES` (results
+over seeds, eval.seeds): what the CoMiGS tables can claim."""
 
 from __future__ import annotations
 
@@ -32,3 +33,24 @@ def routing_cmd(
     write_json(doc, folder / "routing.json")
     png = plot_routing_buckets(doc, folder / "routing_tokens.png")
     console.print(f"json: {folder / 'routing.json'}; plot: {png}")
+
+
+@app.command("seeds")
+def seeds_cmd(
+    files: list[Path] = typer.Argument(..., help="`pocketlm compare --json` files, any mix of seeds and strategies."),
+    json_out: Path = typer.Option(None, "--json", help="Write the summary here."),
+    plot: Path = typer.Option(None, help="Write a PNG here: per scenario, each strategy's per-seed perplexity "
+                              "relative to that seed's best."),
+) -> None:
+    """Results over seeds: per scenario and strategy the mean test perplexity per seed (mean ± std), which
+    orderings hold in every seed, and 1G1S / min(2G, 2S) per seed."""
+    from ..eval.seeds import plot_seeds, read_results, seeds_tables, summarize
+
+    doc = summarize(read_results(files))
+    for item in seeds_tables(doc):
+        console.print(item)
+    if json_out:
+        write_json(doc, json_out)
+        console.print(f"json: {json_out}")
+    if plot:
+        console.print(f"plot: {plot_seeds(doc, plot)}")
