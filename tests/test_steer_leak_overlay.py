@@ -8,6 +8,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from overlay_fixtures import cogenesis_file, eval_steer
 from pocketlm.cli import app
 from pocketlm.models import build_tiny
 from pocketlm.steer.cloud.in_process import HFCloudBackend
@@ -47,20 +48,12 @@ def test_untouched_rows_are_exactly_the_guarded_rows(method):
 
 
 def _data(tmp_path):
-    rows = [{"id": f"r{i}", "input": f"Write note {i}.", "personalized_input": f"{CONTEXT}\nWrite note {i}.",
-             "output": "A short note about the sea."} for i in range(3)]
-    path = tmp_path / "cg.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return cogenesis_file(tmp_path, CONTEXT, 3, "A short note about the sea.")
 
 
 def _eval(tmp_path, data, out, *extra):
     """An eval-steer run without the default guard (the overlay prices --max-copy from an unguarded base)."""
-    res = CliRunner().invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
-                                   "--methods", "cloud,closed_form@1", "--max-new-tokens", "5", "--json", str(out),
-                                   "--no-guard", *extra])
-    assert res.exit_code == 0, res.output
-    return json.loads(out.read_text())
+    return eval_steer(data, out, "--no-guard", *extra)
 
 
 def test_overlay_reuses_checked_rows_and_takes_regenerated_ones(tmp_path):

@@ -8,6 +8,7 @@ import json
 
 from typer.testing import CliRunner
 
+from overlay_fixtures import cogenesis_file, eval_steer
 from pocketlm.cli import app
 from pocketlm.models import build_tiny
 from pocketlm.steer.cloud.in_process import HFCloudBackend
@@ -43,24 +44,12 @@ def test_untouched_rows_are_exactly_the_default_guarded_rows():
 
 
 def _data(tmp_path):
-    rows = [{"id": f"r{i}", "input": f"Write note {i}.", "personalized_input": f"{CONTEXT}\nWrite note {i}.",
-             "output": "A short note about the water."} for i in range(2)]
-    path = tmp_path / "cg.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def _eval(data, out, *extra):
-    res = CliRunner().invoke(app, ["eval-steer", "--data", str(data), "--cloud", "tiny-qwen2", "--local", "tiny-llama",
-                                   "--methods", "cloud,closed_form@1", "--max-new-tokens", "5", "--json", str(out),
-                                   *extra])
-    assert res.exit_code == 0, res.output
-    return json.loads(out.read_text())
+    return cogenesis_file(tmp_path, CONTEXT, 2, "A short note about the water.")
 
 
 def test_overlay_prices_the_default_guard(tmp_path):
     data, run = _data(tmp_path), tmp_path / "base.json"
-    base = _eval(data, run, "--no-guard")
+    base = eval_steer(data, run, "--no-guard")
     base["examples"][1]["outputs"]["closed_form@1"]["text"] = "Say hi to Marta."  # as if it had written a name
     run.write_text(json.dumps(base))
     cli = CliRunner()
@@ -73,12 +62,12 @@ def test_overlay_prices_the_default_guard(tmp_path):
     assert "writes what the guard would refuse" in str(res.exception)
 
     capped = tmp_path / "capped.json"
-    _eval(data, capped, "--ids", "r1", "--methods", "closed_form@1", "--max-copy", "3", "--no-guard")
+    eval_steer(data, capped, "--ids", "r1", "--methods", "closed_form@1", "--max-copy", "3", "--no-guard")
     res = cli.invoke(app, [*args, "--names", str(capped)])
     assert "not generated with the guard priced here" in str(res.exception)  # the cap alone changes less
 
     default = tmp_path / "default.json"
-    patch = _eval(data, default, "--ids", "r1", "--methods", "closed_form@1", "--max-copy", "3")
+    patch = eval_steer(data, default, "--ids", "r1", "--methods", "closed_form@1", "--max-copy", "3")
     assert patch["settings"]["guards"] == ["max_copy_3", "protect_names"]
     out = tmp_path / "guarded.json"
     res = cli.invoke(app, [*args, "--names", str(default), "--json", str(out)])
