@@ -75,13 +75,14 @@ def _options(*path: str) -> set[str]:
 
 def test_each_group_reaches_every_command_that_takes_it():
     engine = {"cloud", "local", "device", "dtype", "threads", "vocab", "kv", "overlap", "cloud_token",
-              "cloud_logprobs", "cloud_prompt", "speculate", "draft", "draft_ahead"}
+              "cloud_logprobs", "cloud_prompt", "cloud_verify", "device_quantize", "speculate", "draft", "draft_ahead"}
     assert {f for f in EngineOptions.__dataclass_fields__} == engine
     guards, decode = set(GuardOptions.__dataclass_fields__), set(SamplingOptions.__dataclass_fields__)
     assert engine | guards | decode | {"adapters", "signal", "cloud_format", "downlink_sampling"} <= _options("steer")
     assert engine | guards | decode <= _options("eval-steer")
     assert engine <= _options("bench", "steer")  # its own --overlap times the overlapped engine
-    assert engine - {"local", "cloud_token", "cloud_logprobs", "cloud_prompt"} <= _options("eval-personal")
+    assert engine - {"local", "cloud_token", "cloud_logprobs", "cloud_prompt", "cloud_verify",
+                     "device_quantize"} <= _options("eval-personal")
 
 
 @dataclass(frozen=True)

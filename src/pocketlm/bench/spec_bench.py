@@ -20,6 +20,7 @@ import logging
 import time
 
 from ..errors import PocketLMError
+from ..models.quantize import quantize_device_model
 from ..progress import progress
 from ..serve.wan import DelayProxy
 from ..steer import SteerEngine, SteerRequest, get_method
@@ -102,16 +103,19 @@ def _project(rec: dict, cloud_ms: float, rtt_ms: float) -> float:
 
 def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens: int = 48, prompts: int = 3,
                kappa: float = 1.0, fmt: str = "f32", overlap: bool = True, device: str | None = None,
-               dtype: str = "float32", threads: int | None = None, ahead: bool = False) -> dict:
+               dtype: str = "float32", threads: int | None = None, ahead: bool = False,
+               device_quantize: str | None = None) -> dict:
     """Records for every (RTT, configuration); see the module docstring."""
     if prompts < 1 or prompts > len(PROMPTS):
         raise PocketLMError(f"--prompts must be in 1..{len(PROMPTS)}")
     dev_model, dev_tok = load_bench_model(local, device=device, dtype=dtype, seed=1)
+    dev_model = quantize_device_model(dev_model, device_quantize)
     reqs = [SteerRequest.with_context(q, c) for q, c in PROMPTS[:prompts]]
     prompt_len = max(len(chat_ids(dev_tok, r.private)) for r in reqs)
     configs = _configs(ks, kappa, ahead)
     doc = {"cloud": cloud, "local": local, "tokens": tokens, "prompts": prompts, "kappa": kappa, "format": fmt,
-           "overlap": overlap, "ahead": ahead, "dtype": dtype, "server_threads": threads, "records": []}
+           "overlap": overlap, "ahead": ahead, "dtype": dtype, "device_quantize": device_quantize,
+           "server_threads": threads, "records": []}
     refs: dict[str, list] = {}
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
                        max_prompt_tokens=prompt_len + 64, threads=threads) as server:

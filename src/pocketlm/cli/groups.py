@@ -35,6 +35,7 @@ from .options import (
     CloudTokenOpt,
     CloudVerifyOpt,
     DeviceOpt,
+    DeviceQuantizeOpt,
     DraftAheadOpt,
     DraftOpt,
     DtypeOpt,
@@ -64,6 +65,7 @@ class EngineOptions:
     cloud: CloudOpt
     local: LocalOpt
     device: DeviceOpt = None
+    device_quantize: DeviceQuantizeOpt = None
     dtype: DtypeOpt = "float32"
     threads: ThreadsOpt = None
     vocab: VocabOpt = "shared"
@@ -92,7 +94,7 @@ class EngineOptions:
         return load_engine(self.cloud, self.local, device=self.device, dtype=self.dtype, vocab=self.vocab,
                            kv=self.kv, overlap=self.overlap, cloud_token=self.cloud_token,
                            cloud_logprobs=self.cloud_logprobs, cloud_prompt=self.cloud_prompt,
-                           cloud_verify=self.cloud_verify,
+                           cloud_verify=self.cloud_verify, device_quantize=self.device_quantize,
                            adapters=personal.adapter_dir if personal else None,
                            cloud_format=downlink.cloud_format if downlink else "f32",
                            speculate=self.speculation, **library)

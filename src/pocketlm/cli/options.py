@@ -40,6 +40,9 @@ DraftAheadOpt = Annotated[bool, typer.Option(
     "--draft-ahead/--no-draft-ahead",
     help="With --speculate (greedy, overlap on): draft the next round while the cloud verifies this one; kept "
          "when the whole draft and the device's guess of the next token are accepted, rewound otherwise.")]
+DeviceQuantizeOpt = Annotated[str, typer.Option(
+    help="Quantize the device model (CPU): int8 = int8 weights per output channel, bf16 activations; about 2.5x "
+         "faster device steps than float32. The quantized model is the device model (its scores steer).")]
 KvOpt = Annotated[str, typer.Option(
     help="KV cache: static (fixed-shape steps, CUDA graphs on a GPU) | compiled (static, step compiled by "
          "torch.compile first) | dynamic (HF) | auto (static where supported).")]

@@ -35,7 +35,7 @@ def eval_personal_cmd(
                               "method through its kappas)."),
     *,
     engine: EngineOptions = group(
-        "local", "cloud_token", "cloud_logprobs", "cloud_prompt", "cloud_verify",  # the device is the run's; the cloud in process
+        "local", "cloud_token", "cloud_logprobs", "cloud_prompt", "cloud_verify", "device_quantize",  # the device is the run's; the cloud in process
         cloud=typer.Option(None, help="Cloud model spec (default: the run's base model)."), overlap=False),
 ) -> None:
     """Generate for every user of a run with every method; report target match, cloud perplexity, distinct-2."""

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from .app import bench_app
 from .common import machine, require_serve_extra, set_threads, show
-from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
+from .options import DeviceOpt, DeviceQuantizeOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
 
 
 @bench_app.command("spec")
@@ -28,6 +28,7 @@ def bench_spec_cmd(
                                     "the verify in flight (--draft-ahead), to compare with and without."),
     plot: Path = typer.Option(None, help="Write a PNG of tok/s against RTT."),
     device: DeviceOpt = None,
+    device_quantize: DeviceQuantizeOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     json_out: JsonOutOpt = None,
@@ -40,9 +41,10 @@ def bench_spec_cmd(
     set_threads(threads)
     doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
                      prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
-                     threads=threads, ahead=ahead)
+                     threads=threads, ahead=ahead, device_quantize=device_quantize)
     doc.update(**machine())
-    table = Table(title=f"speculative steering over a simulated WAN: {local} drafting for {cloud}, {cloud_format}, "
+    quant = " (int8)" if device_quantize else ""
+    table = Table(title=f"speculative steering over a simulated WAN: {local}{quant} drafting for {cloud}, {cloud_format}, "
                         f"{tokens} tokens x {prompts} prompts, overlap {'on' if overlap else 'off'}, on {doc['hardware']}")
     for col in ("configuration", "RTT ms", "tok/s", "vs closed_form", "tokens/round trip", "acceptance",
                 "ahead kept", "bytes up/token", "bytes down/token", "identical"):

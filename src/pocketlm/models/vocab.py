@@ -20,9 +20,17 @@ def check_same_tokenizer(tok_a, tok_b, *, names: tuple[str, str] = ("cloud", "de
     )
 
 
+def head_rows(model) -> int:
+    """Rows of the LM head (its vocabulary size), for a float or an int8-quantized head (whose `weight` is a
+    method): `out_features` where the head has it."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "out_features", None)
+    return int(rows) if isinstance(rows, int) else head.weight.shape[0]
+
+
 def common_vocab_size(model_a, model_b, tokenizer=None) -> int:
     """Rows both LM heads share; padded heads (Qwen 7B 152,064 vs 0.5B 151,936) are sliced to this."""
-    n = min(model_a.get_output_embeddings().weight.shape[0], model_b.get_output_embeddings().weight.shape[0])
+    n = min(head_rows(model_a), head_rows(model_b))
     if tokenizer is not None:
         n = min(n, len(tokenizer))
     return n

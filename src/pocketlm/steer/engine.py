@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PocketLMError
+from ..models.vocab import head_rows
 from .cloud.in_process import eos_ids
 from .cloud_step import CloudStep
 from .fusion.formulas import log_policy
@@ -96,7 +97,7 @@ class SteerEngine:
         self.speculation = speculate if isinstance(speculate, Speculation) else Speculation(speculate)
         self.clock = Overlap(device_model, sync_timings)
         self._device_streams: dict[tuple[bool, str], DeviceStreams] = {}
-        dev_rows = device_model.get_output_embeddings().weight.shape[0]
+        dev_rows = head_rows(device_model)
         cloud_rows = cloud.vocab_rows if cloud is not None else dev_rows
         self.align = VocabAlign.build(vocab, cloud_tok, device_tok, cloud_rows, dev_rows, slice_to_tokenizer)
         self.partial = bool(getattr(cloud, "truncates", False))

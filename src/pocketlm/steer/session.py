@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
+from ..errors import PocketLMError
 from ..models import load_model
+from ..models.quantize import quantize_device_model
 from ..moe.personal import load_personal
 from .cloud.in_process import HFCloudBackend
 from .cloud.openai import is_openai
@@ -20,7 +23,7 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
                 overlap: bool | None = None, kv: str = "auto", cloud_token: str | None = None,
                 cloud_format: str = "f32", adapters: str | None = None, cloud_logprobs: int = 20,
                 cloud_prompt: str = "auto", speculate: Speculation | int = 0,
-                cloud_verify: str = "parallel") -> SteerEngine:
+                cloud_verify: str = "parallel", device_quantize: str | None = None) -> SteerEngine:
     """Specs: anything `loader` takes (default `load_model`; the CLI passes the benchmark loader, which also
     knows random geometries such as `qwen2.5-7b-geometry`), or `http(s)://HOST:PORT` for a step server.
     One spec for both roles loads one model.
@@ -30,11 +33,16 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     `cloud_format` (step server only): f32 | f16 | bf16 full rows, or `topk[:K]` for the certified top-k
     downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up).
     `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`.
-    `cloud_verify` (OpenAI-compatible cloud): parallel | echo, how a draft is verified (openai_verify.py)."""
+    `cloud_verify` (OpenAI-compatible cloud): parallel | echo, how a draft is verified (openai_verify.py).
+    `device_quantize`: None | int8, the device model's weights (models/quantize.py; CPU, not with `adapters`)."""
+    if device_quantize and adapters:
+        raise PocketLMError("--device-quantize does not combine with --adapters yet (the personal model's mixtures "
+                            "read their base layers' float weights)")
     if is_remote(cloud_spec) or is_openai(cloud_spec):
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
             dev_model = load_personal(dev_model, adapters)
+        dev_model = quantize_device_model(dev_model, device_quantize)
         token = cloud_token or os.environ.get("POCKETLM_CLOUD_TOKEN")  # eval-steer etc. take it from the env
         if is_openai(cloud_spec):
             from .cloud.openai import OpenAICloud  # httpx: the `serve` extra
@@ -55,10 +63,13 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     cloud_model, cloud_tok = loader(cloud_spec, device=device, dtype=dtype, seed=seed)
     if local_spec == cloud_spec:
         dev_model, dev_tok = cloud_model, cloud_tok  # demo: one model plays both roles; streams stay separate
+        if device_quantize:  # the cloud keeps its float weights
+            dev_model = copy.deepcopy(cloud_model)
     else:
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
     if adapters:
         dev_model = load_personal(dev_model, adapters)
+    dev_model = quantize_device_model(dev_model, device_quantize)
     cloud = HFCloudBackend(cloud_model, cloud_tok, kv="auto")
     return SteerEngine(cloud, cloud_tok, dev_model, dev_tok, vocab=vocab, fuse_device_streams=fuse_device_streams,
                        slice_to_tokenizer=slice_to_tokenizer, overlap=bool(overlap), kv=kv, speculate=speculate)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelLoadError
-from ..models.vocab import check_same_tokenizer
+from ..models.vocab import check_same_tokenizer, head_rows
 
 
 def _rows(model_or_rows) -> int:
     if isinstance(model_or_rows, int):
         return model_or_rows
-    return model_or_rows.get_output_embeddings().weight.shape[0]
+    return head_rows(model_or_rows)
 
 
 class VocabAlign:
