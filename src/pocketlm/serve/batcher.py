@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PocketLMError
+from ..models.vocab import head_rows
 from ..steer.cloud.wire import encode_scores, encode_topk
 from ..steer.downlink.topk import TopKLogits, truncate
 from ..steer.streams.prefill import unique_prompts
@@ -133,7 +134,7 @@ class Batcher:
 
     def __init__(self, model, *, slots: int, max_prompt_tokens: int, max_new_tokens: int):
         self.pool = KVPool(model, slots, max_prompt_tokens + max_new_tokens + 1)
-        self.vocab_rows = model.get_output_embeddings().weight.shape[0]
+        self.vocab_rows = head_rows(model)
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
         self.stats = Stats()
         self.sessions: dict[int, Session] = {}

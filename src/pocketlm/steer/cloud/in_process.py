@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import PocketLMError
+from ...models.vocab import head_rows
 from ..streams.kvmode import cache_modes, make_stream, resolve_kv
 from ..streams.protocol import CloudBackend
 
@@ -42,7 +43,7 @@ class HFCloudBackend:
 
     def __init__(self, model, tokenizer=None, kv: str = "auto"):
         self.model = model
-        self.vocab_rows = model.get_output_embeddings().weight.shape[0]
+        self.vocab_rows = head_rows(model)
         self.eos_token_ids = eos_ids(model, tokenizer)
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         self.pad_id = pad if pad is not None else 0

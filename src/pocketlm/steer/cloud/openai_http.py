@@ -71,14 +71,13 @@ class Transport:
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
         t0 = time.perf_counter()
         try:
+            headers = {"Content-Type": "application/json"} if data else None
             try:
-                r = self._client.request(method, url, content=data or None,
-                                         headers={"Content-Type": "application/json"} if data else None)
+                r = self._client.request(method, url, content=data or None, headers=headers)
             except self._stale:  # the server closed an idle kept-alive connection as we reused it: once more,
                 # on a fresh one (every request here is idempotent: greedy scoring, no server state)
                 self.retries += 1
-                r = self._client.request(method, url, content=data or None,
-                                         headers={"Content-Type": "application/json"} if data else None)
+                r = self._client.request(method, url, content=data or None, headers=headers)
         except self._errors[0]:
             raise OpenAICloudError(f"the OpenAI-compatible server at {url} did not answer within "
                                    f"{self.timeout:g} s") from None
