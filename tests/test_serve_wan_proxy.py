@@ -130,6 +130,31 @@ def test_a_megabyte_each_way_arrives_identical_and_is_counted(echo):
     assert counts["connections"] == 1
 
 
+def test_a_bandwidth_adds_serialisation_time_per_direction(echo):
+    """At 40 Mbit/s 500 KB take ~100 ms to serialise in each direction; an echo pipelines them (the link is full
+    duplex, chunks come back while later ones still go up), so it costs ~100 ms beside the round trip, not 0; small
+    messages stay at about one RTT."""
+    payload = os.urandom(500_000)
+    with DelayProxy("127.0.0.1", echo.port, rtt_ms=20, mbit_s=40) as proxy, connect(proxy) as sock:
+        t0 = time.perf_counter()
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
+        got = recv_exact(sock, len(payload))
+        elapsed = time.perf_counter() - t0
+        sender.join(5)
+        small = round_trips(sock, 3)
+    assert got == payload
+    assert elapsed >= 0.02 + 0.1 * 0.95, elapsed  # the bytes were serialised, not sent at loopback speed
+    assert elapsed < 0.02 + 0.2 + SLACK_S, elapsed
+    assert min(small) >= 0.02 and max(small) < 0.02 + SLACK_S, small
+
+
+@pytest.mark.parametrize("mbit", [0, -1, float("nan"), True, "fast"])
+def test_bad_bandwidth_is_a_clear_error(mbit):
+    with pytest.raises(PocketLMError, match="mbit_s"):
+        DelayProxy("127.0.0.1", 9, rtt_ms=10, mbit_s=mbit)
+
+
 def test_counters_count_chunks_and_reset(echo):
     with DelayProxy("127.0.0.1", echo.port, rtt_ms=20) as proxy:
         with connect(proxy) as sock:

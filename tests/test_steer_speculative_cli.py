@@ -49,11 +49,17 @@ def test_bad_speculate_exits_2(bad):
     assert res.exit_code == 2
 
 
+def test_bad_bandwidth_is_refused_before_anything_loads():
+    res = runner.invoke(app, ["bench", "spec", "--cloud", "tiny-llama", "--local", "tiny-llama", "--mbit", "0"])
+    assert res.exit_code == 2 and "--mbit" in res.output
+
+
 @pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)
 def test_bench_spec_runs_over_the_delay_proxy(tmp_path):
     out, png = tmp_path / "spec.json", tmp_path / "spec.png"
     res = runner.invoke(app, ["bench", "spec", "--cloud", "tiny-llama", "--local", "tiny-llama", "--rtt", "0,40",
-                              "--ks", "2", "--tokens", "6", "--prompts", "1", "--json", str(out), "--plot", str(png)])
+                              "--ks", "2", "--tokens", "6", "--prompts", "1", "--mbit", "100", "--json", str(out),
+                              "--plot", str(png)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     recs = doc["records"]
@@ -61,6 +67,7 @@ def test_bench_spec_runs_over_the_delay_proxy(tmp_path):
             "bytes_down_per_token", "identical"}
     assert all(keys <= set(r) for r in recs)
     assert {r["rtt_ms"] for r in recs} == {0, 40}
+    assert doc["mbit_s"] == 100
     assert all(r["identical"] for r in recs if r["method"] == "closed_form")
     spec = next(r for r in recs if r["config"] == "closed_form/spec2" and r["rtt_ms"] == 40)
     assert spec["tokens_per_round_trip"] > 1

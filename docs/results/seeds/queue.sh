@@ -1,12 +1,14 @@
 #!/bin/bash
 # Issue 25 item 3: a job queue for seeds 43/44; run one or more workers (each 1 torch thread); a job is claimed by
 # mkdir of its marker, so workers never run the same job; finished jobs have their JSON.
-cd /work/main
+cd "${POCKETLM_ROOT:-$(git -C "$(dirname "$0")" rev-parse --show-toplevel)}"
 export OMP_NUM_THREADS=1
 jobs() {
-  for c in fortunes-id fortunes-ood agnews-id agnews-ood; do for seed in 43 44; do for s in 1g1s 2g 2s; do echo "$c $seed $s"; done; done; done
-  for c in fortunes-id fortunes-ood agnews-id agnews-ood; do for seed in 43 44; do for s in local fedavg; do echo "$c $seed $s"; done; done; done
-  for c in official/fortunes-ood official/agnews-ood; do for seed in 43 44; do for s in 1g1s 2g 2s local fedavg; do echo "$c $seed $s"; done; done; done
+  # The strategies the paper's claim needs first (1g1s, 2g, 2s), then the private/shared baselines.
+  for c in fortunes-id fortunes-ood agnews-id agnews-ood official/fortunes-ood official/agnews-ood; do
+    for seed in 43 44; do for s in 1g1s 2g 2s; do echo "$c $seed $s"; done; done; done
+  for c in fortunes-id fortunes-ood agnews-id agnews-ood official/fortunes-ood official/agnews-ood; do
+    for seed in 43 44; do for s in local fedavg; do echo "$c $seed $s"; done; done; done
 }
 jobs | while read c seed s; do
   tag=$(echo "$c" | tr / -)-s$seed

@@ -17,6 +17,7 @@ yields the measured tokens per round trip. Device step times and tokens per roun
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from ..errors import PocketLMError
@@ -104,10 +105,13 @@ def _project(rec: dict, cloud_ms: float, rtt_ms: float) -> float:
 def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens: int = 48, prompts: int = 3,
                kappa: float = 1.0, fmt: str = "f32", overlap: bool = True, device: str | None = None,
                dtype: str = "float32", threads: int | None = None, ahead: bool = False,
-               device_quantize: str | None = None) -> dict:
-    """Records for every (RTT, configuration); see the module docstring."""
+               device_quantize: str | None = None, mbit_s: float | None = None) -> dict:
+    """Records for every (RTT, configuration); see the module docstring. `mbit_s`: the link's bandwidth each way
+    (None: latency only)."""
     if prompts < 1 or prompts > len(PROMPTS):
         raise PocketLMError(f"--prompts must be in 1..{len(PROMPTS)}")
+    if mbit_s is not None and not (math.isfinite(mbit_s) and mbit_s > 0):
+        raise PocketLMError(f"--mbit must be a bandwidth in Mbit/s > 0, got {mbit_s!r}")
     dev_model, dev_tok = load_bench_model(local, device=device, dtype=dtype, seed=1)
     dev_model = quantize_device_model(dev_model, device_quantize)
     reqs = [SteerRequest.with_context(q, c) for q, c in PROMPTS[:prompts]]
@@ -115,13 +119,13 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
     configs = _configs(ks, kappa, ahead)
     doc = {"cloud": cloud, "local": local, "tokens": tokens, "prompts": prompts, "kappa": kappa, "format": fmt,
            "overlap": overlap, "ahead": ahead, "dtype": dtype, "device_quantize": device_quantize,
-           "server_threads": threads, "records": []}
+           "server_threads": threads, "mbit_s": mbit_s, "records": []}
     refs: dict[str, list] = {}
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
                        max_prompt_tokens=prompt_len + 64, threads=threads) as server:
         host, port = server.url.removeprefix("http://").split(":")
         for rtt in progress(rtts, desc="bench spec: RTTs", total=len(rtts)):
-            with DelayProxy(host, int(port), rtt) as proxy, _client(proxy.url, dev_tok, fmt) as rc:
+            with DelayProxy(host, int(port), rtt, mbit_s=mbit_s) as proxy, _client(proxy.url, dev_tok, fmt) as rc:
                 engine = SteerEngine(rc, dev_tok, dev_model, dev_tok, overlap=overlap)
                 engine.generate([reqs[0]], [get_method("cloud")], max_new_tokens=2)  # warm-up
                 for label, method, k, drafts_ahead in configs:

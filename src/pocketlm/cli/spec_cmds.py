@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -17,6 +18,8 @@ def bench_spec_cmd(
     cloud: str = typer.Option("smollm2-135m", help="Cloud spec (served by a `pocketlm serve` child process)."),
     local: str = typer.Option("smollm2-135m", help="Device spec (the same tokenizer)."),
     rtt: str = typer.Option("0,50,100,200", "--rtt", help="Round-trip times to simulate, ms (comma list)."),
+    mbit: float = typer.Option(None, "--mbit", help="Link bandwidth, Mbit/s each way (default: unlimited, a "
+                                                   "latency-only link)."),
     ks: str = typer.Option("2,4,8", help="Draft lengths for --speculate (comma list)."),
     tokens: int = typer.Option(48, help="New tokens per generation at most (greedy)."),
     prompts: int = typer.Option(3, min=1, max=4, help="Built-in prompts with a private profile (1..4)."),
@@ -35,17 +38,21 @@ def bench_spec_cmd(
 ) -> None:
     """tok/s of the cloud alone, closed_form, closed_form --speculate K and SpecSteer at each RTT; tokens per
     round trip, acceptance, bytes per token, identical greedy tokens; a projection to GPU cloud step times."""
+    if mbit is not None and not (math.isfinite(mbit) and mbit > 0):
+        raise typer.BadParameter(f"a bandwidth in Mbit/s > 0, got {mbit:g}", param_hint="--mbit")
     require_serve_extra()
     from ..bench.spec_bench import bench_spec, plot_spec, spec_table
 
     set_threads(threads)
     doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
                      prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
-                     threads=threads, ahead=ahead, device_quantize=device_quantize)
+                     threads=threads, ahead=ahead, device_quantize=device_quantize, mbit_s=mbit)
     doc.update(**machine())
     quant = " (int8)" if device_quantize else ""
+    link = f"{mbit:g} Mbit/s, " if mbit else ""
     table = Table(title=f"speculative steering over a simulated WAN: {local}{quant} drafting for {cloud}, {cloud_format}, "
-                        f"{tokens} tokens x {prompts} prompts, overlap {'on' if overlap else 'off'}, on {doc['hardware']}")
+                        f"{tokens} tokens x {prompts} prompts, {link}overlap {'on' if overlap else 'off'}, "
+                        f"on {doc['hardware']}")
     for col in ("configuration", "RTT ms", "tok/s", "vs closed_form", "tokens/round trip", "acceptance",
                 "ahead kept", "bytes up/token", "bytes down/token", "identical"):
         table.add_column(col, justify="right")

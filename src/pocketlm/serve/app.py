@@ -45,7 +45,9 @@ class Limits:
 
     def max_message_bytes(self) -> int:
         """Largest uplink message a valid client can send (an `open` with max_rows full prompts), with slack."""
-        return self.max_rows * self.max_prompt_tokens * 8 + 65536
+        prompts = self.max_rows * self.max_prompt_tokens * 8
+        candidates = self.max_rows * MAX_VERIFY * MAX_CANDIDATES * 8  # a verify's candidate ids
+        return max(prompts, candidates) + 65536
 
 
 def _status_close(status: int) -> int:
@@ -86,7 +88,8 @@ class SteerServer:
                       "eos_token_ids": sorted(eos_ids(model, tokenizer)),
                       "tokenizer": tokenizer_fingerprint(tokenizer), "formats": [*FORMATS, TOPK],
                       "limits": {"max_rows": limits.max_rows, "max_prompt_tokens": limits.max_prompt_tokens,
-                                 "max_new_tokens": limits.max_new_tokens, "ttl_s": limits.ttl_s}}
+                                 "max_new_tokens": limits.max_new_tokens, "ttl_s": limits.ttl_s,
+                                 "max_candidates": MAX_CANDIDATES}}
         self._ids = itertools.count(1)
         self.connections = 0
         self.errors: dict[int, int] = {}

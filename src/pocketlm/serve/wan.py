@@ -8,7 +8,12 @@ stamped when the proxy reads it and released at exactly that stamp plus rtt/2 (n
 chunk went out"), reproduces that: order is kept per direction, pipelined chunks stay pipelined, and a
 request/response costs one RTT. It is byte-level, so HTTP, WebSocket upgrades and keep-alive all pass through.
 
-What it does not model: bandwidth (bytes move at loopback speed once due), jitter (the delay is constant), loss
+Bandwidth (`mbit_s`, optional): each direction is then a link that sends one chunk at a time at that rate, so a
+chunk leaves once the link is free and its bytes have been serialised (len * 8 / rate), and arrives one way after
+that. Without it bytes move at loopback speed once due: a latency-only link, on which a format that sends 200 KB a
+token costs what one that sends 1 KB does.
+
+What it does not model: jitter (the delay is constant), loss
 and retransmission, TCP slow start, and connection setup (a real TCP handshake costs one more RTT before the
 first byte, TLS more; here the client's connect completes locally and only its bytes are delayed). Counters
 (`bytes_up`, `bytes_down`, `messages_up`, `messages_down`) count what crossed the "link", for per-token costs;
@@ -45,6 +50,7 @@ class _Pipe:
 
     def __init__(self, cap: int):
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.free = 0.0  # when the link (bandwidth model) has sent everything queued so far
         self.held = 0
         self.cap = cap
         self.room = asyncio.Event()
@@ -77,7 +83,11 @@ class DelayProxy:
 
     def __init__(self, target_host: str, target_port: int, rtt_ms: float, listen_host: str = "127.0.0.1",
                  listen_port: int = 0, *, connect_timeout_s: float = 5.0, read_size: int = 65536,
-                 max_buffer_bytes: int = 64 << 20):
+                 max_buffer_bytes: int = 64 << 20, mbit_s: float | None = None):
+        if mbit_s is not None and (isinstance(mbit_s, bool) or not isinstance(mbit_s, Real)
+                                   or not math.isfinite(mbit_s) or mbit_s <= 0):
+            raise PocketLMError(f"mbit_s must be a finite number of Mbit/s > 0 (or None: unlimited), got {mbit_s!r}")
+        self.mbit_s = None if mbit_s is None else float(mbit_s)
         if isinstance(rtt_ms, bool) or not isinstance(rtt_ms, Real) or not math.isfinite(rtt_ms) or rtt_ms < 0:
             raise PocketLMError(f"rtt_ms must be a finite number of milliseconds >= 0, got {rtt_ms!r}")
         if not isinstance(target_host, str) or not target_host:
@@ -172,7 +182,8 @@ class DelayProxy:
 
     def __repr__(self) -> str:
         where = f"{self.listen_host}:{self._port}" if self._port is not None else "stopped"
-        return f"DelayProxy({where} -> {self.target_host}:{self.target_port}, rtt={self.rtt_ms:g} ms)"
+        link = "" if self.mbit_s is None else f", {self.mbit_s:g} Mbit/s"
+        return f"DelayProxy({where} -> {self.target_host}:{self.target_port}, rtt={self.rtt_ms:g} ms{link})"
 
     # ---- lifecycle (caller's thread) ----
 
@@ -329,12 +340,16 @@ class DelayProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect(self, src: asyncio.StreamReader, pipe: _Pipe) -> None:
-        """Read chunks as they arrive and stamp each with its own due time (now + one way)."""
+        """Read chunks as they arrive and stamp each with its own due time (now + one way; with a bandwidth,
+        once the link has serialised it behind the chunks before it)."""
         loop = asyncio.get_running_loop()
         try:
             while True:
                 data = await src.read(self.read_size)
                 due = loop.time() + self.one_way_s
+                if self.mbit_s is not None and data:
+                    pipe.free = max(loop.time(), pipe.free) + len(data) * 8 / (self.mbit_s * 1e6)
+                    due = pipe.free + self.one_way_s
                 if not data:
                     await pipe.put(due, _EOF)
                     return

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
+from .downlink.candidates import candidate_ids, expected_asks
 from .drafting import Ahead, Drafting, draft_ahead, rows_of
 from .plan import Choice, DecodePlan
 from .streams.device import DeviceScores
@@ -170,18 +171,24 @@ class SpeculativeRound:
                             offset=0 if prefilled is None else 1, ahead=ahead)
 
     def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int) -> dict:
-        """For a top-k cloud that takes them (`verify_candidates` = m): per row and verified position, the m ids
-        the device's delta favours most, so that certification asks about them ride in the verify's round trip.
-        Only rows whose rule uses the context, only positions the row decides (verified position i decides draft
-        index i + offset) and whose device scores exist before the verify leaves (not the last one, stepped
-        meanwhile). Sorted by id: the order says nothing."""
-        m = getattr(cloud, "verify_candidates", 0)
-        if not m:
+        """For a top-k cloud that takes them (`verify_candidates` = the least per position): per row and verified
+        position, the ids its certification is expected to ask about (downlink/candidates.py: as many ids of
+        largest delta as the device's stand-in for the cloud says will reach the best, at least the least, at most
+        `max_verify_candidates`), so that those asks ride in the verify's round trip. Only rows whose rule uses the
+        context, only positions the row decides (verified position i decides draft index i + offset) and whose
+        device scores exist before the verify leaves (not the last one, stepped meanwhile)."""
+        least = getattr(cloud, "verify_candidates", 0)
+        if not least:
             return {}
         e, plan, n = self.e, self.plan, self.plan.live.numel()
+        most = max(least, getattr(cloud, "max_verify_candidates", least))
         steers = torch.zeros(n, dtype=torch.bool)
+        kappa = torch.zeros(n)
+        rules = []
         for g, pos in plan._positions(plan.live):
             steers[pos] = bool(g.rule.needs_ctx)
+            kappa[pos] = float(g.rule.kappa_value() or 0.0) if g.rule.needs_ctx else 0.0
+            rules.append((g.rule, pos))
         out = [[[] for _ in range(positions)] for _ in range(n)]
         for i in range(positions):
             j = i + offset
@@ -190,8 +197,14 @@ class SpeculativeRound:
             view = e._view(CloudStep(None), dev_seq[j], plan.live)
             if view.ctx is None or view.plain is None:
                 continue
-            top = (view.ctx - view.plain).topk(min(m, view.ctx.shape[-1]), dim=-1).indices
-            ids = e.align.to_cloud(top.cpu()).sort(dim=-1).values.tolist()
+            delta = view.ctx - view.plain
+            floor = torch.full((n,), float("-inf"), device=view.plain.device)
+            for rule, pos in rules:
+                f = rule.cloud_floor(view.plain[pos.to(view.plain.device)])
+                if f is not None:
+                    floor[pos.to(floor.device)] = f
+            counts = expected_asks(view.plain, delta, kappa, getattr(cloud, "k", least), floor)
+            ids = candidate_ids(delta, counts, least, most, e.align.to_cloud)
             for p in range(n):
                 if bool(steers[p]) and j <= int(lengths[p]):
                     out[p][i] = ids[p]

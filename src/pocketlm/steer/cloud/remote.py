@@ -181,8 +181,11 @@ class RemoteTopK(Truncating, RemoteCloud):
         self.k, self.ask = k, ask
         self.columns = self.vocab_rows  # the engine narrows it to the fused vocabulary
         # per verified position, the ids the device's delta favours most go up with the verify, so that asks
-        # about them ride in its round trip (never with ask=False: then no candidate id leaves the device)
+        # about them ride in its round trip (never with ask=False: then no candidate id leaves the device): at
+        # least VERIFY_CANDIDATES, more where the device expects certification to need them (downlink/candidates.py)
         self.verify_candidates = VERIFY_CANDIDATES if ask else 0
+        limit = self.info.get("limits", {}).get("max_candidates", wire.OLD_MAX_CANDIDATES)
+        self.max_verify_candidates = min(wire.MAX_CANDIDATES, int(limit)) if ask else 0
 
     def _open_fields(self) -> dict:
         return {"format": wire.TOPK, "topk": self.k, "columns": self.columns}
