@@ -17,10 +17,11 @@ from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
 from pocketlm.models.quantize import Int8Linear, quantize_device_model
 from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.cloud.remote import RemoteCloud, RemoteTopK
 from pocketlm.steer.engine import SteerEngine, SteerRequest
 from pocketlm.steer.fusion.methods import parse_methods
 from pocketlm.steer.session import load_engine
-from serve_fixtures import drafting_pair
+from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, drafting_pair, start_server
 
 
 def test_int8_linear_is_close_to_the_float_layer_and_row_independent():
@@ -48,6 +49,29 @@ def test_speculation_stays_exact_with_an_int8_device():
     assert spec.stats.speculation["accepted"] > 0
 
 
+@pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)
+@pytest.mark.parametrize("fmt", ["f32", "topk"])
+def test_an_int8_cloud_behind_the_step_server_verifies_as_it_steps(fmt):
+    """`pocketlm serve --quantize int8`: the server's verify scores each position as its step would, so speculative
+    decoding through it writes the sequential tokens (f32 rows and the certified top-k)."""
+    cloud, device, tok = drafting_pair(0.9)
+    quantize_device_model(cloud, "int8", role="cloud", option="--quantize")
+    ms = parse_methods("cloud,closed_form,plausible")
+    reqs = [SteerRequest.with_context(q, "I am Ann, a baker; I love the sea.") for q in ("A note?", "The sea?", "Hi")]
+
+    def run(k: int):
+        client = RemoteTopK if fmt == "topk" else RemoteCloud
+        kw = {"k": 4} if fmt == "topk" else {}
+        with start_server(cloud, tok) as srv, client(srv.url, TOKEN, tokenizer=tok, **kw) as rc:
+            engine = SteerEngine(rc, tok, device, tok, speculate=k)
+            out = engine.generate(reqs, ms, max_new_tokens=10)
+            engine.close()
+        return out
+    seq, spec = run(0), run(3)
+    assert [g.token_ids for g in spec] == [g.token_ids for g in seq]
+    assert spec.stats.speculation["accepted"] > 0
+
+
 def test_one_model_for_both_roles_keeps_the_cloud_float():
     engine = load_engine("tiny-llama", "tiny-llama", device_quantize="int8")
     assert any(isinstance(m, Int8Linear) for m in engine.device_model.modules())
@@ -61,6 +85,8 @@ def test_bad_requests_are_refused(tmp_path):
     model, _ = build_tiny("tiny-llama", seed=1)
     with pytest.raises(PocketLMError, match="unknown device quantization 'int4'"):
         quantize_device_model(model, "int4")
+    with pytest.raises(PocketLMError, match="unknown cloud quantization 'int4'"):
+        quantize_device_model(model, "int4", role="cloud", option="--quantize")
     with pytest.raises(PocketLMError, match="does not combine with --adapters"):
         load_engine("tiny-llama", "tiny-llama", device_quantize="int8", adapters=str(tmp_path))
     assert quantize_device_model(model, None) is model

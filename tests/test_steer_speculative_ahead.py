@@ -99,11 +99,11 @@ def test_a_draft_paused_half_way_resumes_exactly(pair, monkeypatch):
     real = speculative.draft_ahead
     polls = {"n": 0}
 
-    def stop_after_two(rnd, device, last, drafts, budget, _stop):
+    def stop_after_two(rnd, device, last, drafts, budget, _stop, then=None):
         def stop():
             polls["n"] += 1
             return polls["n"] % 3 == 0
-        return real(rnd, device, last, drafts, budget, stop)
+        return real(rnd, device, last, drafts, budget, stop, then)
 
     monkeypatch.setattr(speculative, "draft_ahead", stop_after_two)
     for method in ("closed_form@1", "ada_costeer", "plausible"):

@@ -49,7 +49,7 @@ class ServerProcess:
     """`pocketlm serve` in a child process on a free loopback port; stopped (terminate, then kill) on exit."""
 
     def __init__(self, model: str, *, device: str | None, dtype: str, slots: int, max_new_tokens: int,
-                 max_prompt_tokens: int, threads: int | None = None):
+                 max_prompt_tokens: int, threads: int | None = None, quantize: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["serve", "--model", model, "--port", str(self.port), "--dtype", dtype, "--slots", str(slots),
@@ -57,6 +57,7 @@ class ServerProcess:
                 "--max-prompt-tokens", str(max_prompt_tokens)]
         args += ["--device", device] if device else []
         args += ["--threads", str(threads)] if threads else []
+        args += ["--quantize", quantize] if quantize else []
         code = f"import sys; from pocketlm.cli import main; sys.argv = ['pocketlm'] + {args!r}; main()"
         env = {**os.environ, "POCKETLM_PROGRESS": "0"}
         self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,

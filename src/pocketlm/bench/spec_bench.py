@@ -1,7 +1,10 @@
 """`pocketlm bench spec`: steered decoding over a simulated WAN, with and without speculation, in one run.
 
 The cloud runs as a `pocketlm serve` child process; the device reaches it through `serve.wan.DelayProxy`, which
-holds every chunk of bytes for RTT/2 in each direction (a round trip costs one RTT). For each RTT the same
+holds every chunk of bytes for RTT/2 in each direction (a round trip costs one RTT; with `--mbit` each direction
+also serialises its bytes at that rate). With several downlink formats (`--cloud-format f32,topk:32`) every
+configuration runs in each format back to back (one engine per format), so formats compare under the same machine
+conditions, and a format's tokens are checked against the first format's. For each RTT the same
 prompts are decoded (greedy) by: the cloud alone, closed_form without speculation, closed_form with
 `--speculate K` for each K, and SpecSteer. One record per configuration: tok/s, tokens per cloud round trip,
 acceptance, bytes up/down per token, whether the tokens equal the non-speculative run of the same method, and
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 
 from ..errors import PocketLMError
 from ..models.quantize import quantize_device_model
@@ -105,7 +109,8 @@ def _project(rec: dict, cloud_ms: float, rtt_ms: float) -> float:
 def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens: int = 48, prompts: int = 3,
                kappa: float = 1.0, fmt: str = "f32", overlap: bool = True, device: str | None = None,
                dtype: str = "float32", threads: int | None = None, ahead: bool = False,
-               device_quantize: str | None = None, mbit_s: float | None = None) -> dict:
+               device_quantize: str | None = None, mbit_s: float | None = None,
+               cloud_quantize: str | None = None) -> dict:
     """Records for every (RTT, configuration); see the module docstring. `mbit_s`: the link's bandwidth each way
     (None: latency only)."""
     if prompts < 1 or prompts > len(PROMPTS):
@@ -119,43 +124,54 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
     configs = _configs(ks, kappa, ahead)
     doc = {"cloud": cloud, "local": local, "tokens": tokens, "prompts": prompts, "kappa": kappa, "format": fmt,
            "overlap": overlap, "ahead": ahead, "dtype": dtype, "device_quantize": device_quantize,
+           "cloud_quantize": cloud_quantize,
            "server_threads": threads, "mbit_s": mbit_s, "records": []}
     refs: dict[str, list] = {}
+    fmts = [f.strip() for f in fmt.split(",") if f.strip()]
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
-                       max_prompt_tokens=prompt_len + 64, threads=threads) as server:
+                       max_prompt_tokens=prompt_len + 64, threads=threads, quantize=cloud_quantize) as server:
         host, port = server.url.removeprefix("http://").split(":")
         for rtt in progress(rtts, desc="bench spec: RTTs", total=len(rtts)):
-            with DelayProxy(host, int(port), rtt, mbit_s=mbit_s) as proxy, _client(proxy.url, dev_tok, fmt) as rc:
-                engine = SteerEngine(rc, dev_tok, dev_model, dev_tok, overlap=overlap)
-                engine.generate([reqs[0]], [get_method("cloud")], max_new_tokens=2)  # warm-up
+            with DelayProxy(host, int(port), rtt, mbit_s=mbit_s) as proxy, ExitStack() as clients:
+                # one engine per downlink format, each configuration run in every format back to back, so that
+                # the formats are compared under the same machine conditions (one decodes at a time)
+                engines = {}
+                for f in fmts:
+                    engines[f] = SteerEngine(clients.enter_context(_client(proxy.url, dev_tok, f)), dev_tok,
+                                             dev_model, dev_tok, overlap=overlap)
+                    engines[f].generate([reqs[0]], [get_method("cloud")], max_new_tokens=2)  # warm-up
                 for label, method, k, drafts_ahead in configs:
-                    engine.speculation = Speculation(k, ahead=drafts_ahead)
-                    rec = _decode(engine, proxy, reqs, method, tokens)
-                    base = f"{method}"
-                    if (k == 0 and method != "specsteer") or (method == "specsteer" and not drafts_ahead):
-                        refs.setdefault(base, rec["ids"])  # SpecSteer's own drafts decide its text: vs itself
-                    ref = refs.get(base)
-                    rec.update(config=label, method=method.split("@")[0], k=k if method != "specsteer" else 4,
-                               rtt_ms=rtt, ahead=drafts_ahead, identical=(rec["ids"] == ref) if ref is not None else None)
-                    rec["projected_tok_s"] = {f"{c:g}ms": _project(rec, c, rtt) for c in PROJECTED_CLOUD_MS}
-                    del rec["ids"]
-                    doc["records"].append(rec)
-                    log.info("rtt %d ms %s: %.2f tok/s, %.2f tokens/round trip", rtt, label, rec["tok_s"],
-                             rec["tokens_per_round_trip"])
-                engine.close()
+                    for f, engine in engines.items():
+                        engine.speculation = Speculation(k, ahead=drafts_ahead)
+                        rec = _decode(engine, proxy, reqs, method, tokens)
+                        if (k == 0 and method != "specsteer") or (method == "specsteer" and not drafts_ahead):
+                            refs.setdefault(method, rec["ids"])  # SpecSteer's own drafts decide its text: vs itself
+                        ref = refs.get(method)  # the first format's tokens: a certified top-k must equal them too
+                        rec.update(config=label, format=f, method=method.split("@")[0],
+                                   k=k if method != "specsteer" else 4, rtt_ms=rtt, ahead=drafts_ahead,
+                                   identical=(rec["ids"] == ref) if ref is not None else None)
+                        rec["projected_tok_s"] = {f"{c:g}ms": _project(rec, c, rtt) for c in PROJECTED_CLOUD_MS}
+                        del rec["ids"]
+                        doc["records"].append(rec)
+                        log.info("rtt %d ms %s (%s): %.2f tok/s, %.2f tokens/round trip", rtt, label, f,
+                                 rec["tok_s"], rec["tokens_per_round_trip"])
+                for engine in engines.values():
+                    engine.close()
     return doc
 
 
 def spec_table(doc: dict) -> list[list[str]]:
     """Rows for a printed table: config, RTT, tok/s, x vs closed_form at that RTT, tokens/RT, acceptance, share
     of drafts written ahead that were kept, bytes."""
-    base = {r["rtt_ms"]: r["tok_s"] for r in doc["records"] if r["config"] == "closed_form"}
+    base = {(r["rtt_ms"], r.get("format")): r["tok_s"] for r in doc["records"] if r["config"] == "closed_form"}
+    several = len({r.get("format") for r in doc["records"]}) > 1
     rows = []
     for r in doc["records"]:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         hit = "-" if r.get("ahead_hit_rate") is None else f"{r['ahead_hit_rate']:.2f}"
         same = {True: "yes", False: "NO", None: "-"}[r["identical"]]
-        rows.append([r["config"], f"{r['rtt_ms']}", f"{r['tok_s']:.2f}", f"{r['tok_s'] / base[r['rtt_ms']]:.2f}x",
+        name = f"{r['config']} [{r['format']}]" if several else r["config"]
+        rows.append([name, f"{r['rtt_ms']}", f"{r['tok_s']:.2f}", f"{r['tok_s'] / base[r['rtt_ms'], r.get('format')]:.2f}x",
                      f"{r['tokens_per_round_trip']:.2f}", acc, hit, f"{r['bytes_up_per_token']:.0f}",
                      f"{r['bytes_down_per_token']:.0f}", same])
     return rows
@@ -169,9 +185,10 @@ def plot_spec(doc: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["config"] for r in doc["records"]):
-        pts = sorted((r["rtt_ms"], r["tok_s"]) for r in doc["records"] if r["config"] == label)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    several = len({r.get("format") for r in doc["records"]}) > 1
+    for label, f in dict.fromkeys((r["config"], r.get("format")) for r in doc["records"]):
+        pts = sorted((r["rtt_ms"], r["tok_s"]) for r in doc["records"] if (r["config"], r.get("format")) == (label, f))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} [{f}]" if several else label)
     ax.set_xlabel("round-trip time (ms)")
     ax.set_ylabel("tokens / s")
     ax.set_title(f"speculative steering: {doc['local']} drafting for {doc['cloud']} ({doc['format']})")

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..bench.geometries import GEOMETRIES, load_bench_model
 from ..errors import PocketLMError
+from ..models.quantize import quantize_device_model
 from .app import app, bench_app
 from .common import machine, require_serve_extra, set_threads, show
 from .options import DeviceOpt, DtypeOpt, JsonOutOpt, ThreadsOpt, int_list
@@ -31,6 +32,9 @@ def serve_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    quantize: str = typer.Option(None, help="Quantize the cloud model (CPU): int8 = int8 weights per output channel, "
+                                            "bf16 activations (each row computed on its own, so a verify scores "
+                                            "its positions as steps would)."),
 ) -> None:
     """Serve next-token scores over WebSocket: sessions of token ids in, one score frame per step out."""
     require_serve_extra()
@@ -42,6 +46,7 @@ def serve_cmd(
     limits = _limits(slots, max_rows, max_prompt_tokens, max_new_tokens, ttl)
     set_threads(threads)
     m, tok = load_bench_model(model, device=device, dtype=dtype)
+    m = quantize_device_model(m, quantize, role="cloud", option="--quantize")
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
     asgi = create_app(m, tok, name=model, token=token, limits=limits)

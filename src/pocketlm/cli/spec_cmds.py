@@ -24,7 +24,8 @@ def bench_spec_cmd(
     tokens: int = typer.Option(48, help="New tokens per generation at most (greedy)."),
     prompts: int = typer.Option(3, min=1, max=4, help="Built-in prompts with a private profile (1..4)."),
     kappa: float = typer.Option(1.0, help="kappa of closed_form (and SpecSteer's beta is its own default 1)."),
-    cloud_format: str = typer.Option("f32", help="Downlink: f32 | f16 | bf16 | topk[:K]."),
+    cloud_format: str = typer.Option("f32", help="Downlink: f32 | f16 | bf16 | topk[:K]; a comma list runs each "
+                                                 "configuration in every format back to back."),
     overlap: bool = typer.Option(True, help="Overlap the device's last draft step with the verify in flight."),
     ahead: bool = typer.Option(True, "--ahead/--no-ahead",
                                help="Run each speculative configuration also with the next draft written during "
@@ -32,6 +33,9 @@ def bench_spec_cmd(
     plot: Path = typer.Option(None, help="Write a PNG of tok/s against RTT."),
     device: DeviceOpt = None,
     device_quantize: DeviceQuantizeOpt = None,
+    cloud_quantize: str = typer.Option(None, help="Quantize the served cloud model (`pocketlm serve --quantize`): "
+                                                  "int8 on a CPU, where its multi-token verify then costs closer "
+                                                  "to one step."),
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     json_out: JsonOutOpt = None,
@@ -46,11 +50,13 @@ def bench_spec_cmd(
     set_threads(threads)
     doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
                      prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
-                     threads=threads, ahead=ahead, device_quantize=device_quantize, mbit_s=mbit)
+                     threads=threads, ahead=ahead, device_quantize=device_quantize, mbit_s=mbit,
+                     cloud_quantize=cloud_quantize)
     doc.update(**machine())
-    quant = " (int8)" if device_quantize else ""
+    quant = f" ({device_quantize})" if device_quantize else ""
+    cloud_quant = f" ({cloud_quantize})" if cloud_quantize else ""
     link = f"{mbit:g} Mbit/s, " if mbit else ""
-    table = Table(title=f"speculative steering over a simulated WAN: {local}{quant} drafting for {cloud}, {cloud_format}, "
+    table = Table(title=f"speculative steering over a simulated WAN: {local}{quant} drafting for {cloud}{cloud_quant}, {cloud_format}, "
                         f"{tokens} tokens x {prompts} prompts, {link}overlap {'on' if overlap else 'off'}, "
                         f"on {doc['hardware']}")
     for col in ("configuration", "RTT ms", "tok/s", "vs closed_form", "tokens/round trip", "acceptance",

@@ -45,29 +45,31 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_device_model(model: nn.Module, mode: str | None) -> nn.Module:
+def quantize_device_model(model: nn.Module, mode: str | None, *, role: str = "device",
+                          option: str = "--device-quantize") -> nn.Module:
     """`model` with every `nn.Linear` (the LM head included) replaced by an `Int8Linear` and the rest in bf16
-    (`mode` "int8"), in place; `model` unchanged for None. CPU models only."""
+    (`mode` "int8"), in place; `model` unchanged for None. CPU models only. `role` / `option` name the model and
+    the flag in errors (the step server quantizes its cloud model the same way: `pocketlm serve --quantize`)."""
     if mode is None:
         return model
     if mode not in QUANTIZE_MODES:
-        raise ModelLoadError(f"unknown device quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
+        raise ModelLoadError(f"unknown {role} quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
     if not hasattr(torch, "_weight_int8pack_mm"):
-        raise ModelLoadError(f"--device-quantize {mode} needs torch's int8 weight kernel (torch >= 2.3)")
+        raise ModelLoadError(f"{option} {mode} needs torch's int8 weight kernel (torch >= 2.3)")
     param = next(model.parameters(), None)
     if param is None:
-        raise ModelLoadError("the device model has no weights to quantize")
+        raise ModelLoadError(f"the {role} model has no weights to quantize")
     if param.device.type != "cpu":
-        raise ModelLoadError(f"--device-quantize {mode} runs on a CPU only; the device model is on {param.device}")
+        raise ModelLoadError(f"{option} {mode} runs on a CPU only; the {role} model is on {param.device}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not targets:
-        raise ModelLoadError("the device model has no linear layers to quantize")
+        raise ModelLoadError(f"the {role} model has no linear layers to quantize")
     model.to(torch.bfloat16)
     for name, linear in targets:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, Int8Linear(linear))
     model.eval()
-    log.info("device model quantized: %d linear layers with int8 weights, bf16 activations", len(targets))
+    log.info("%s model quantized: %d linear layers with int8 weights, bf16 activations", role, len(targets))
     return model
 
 

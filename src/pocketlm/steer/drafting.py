@@ -127,11 +127,14 @@ class Ahead:
         return self.drafting
 
 
-def draft_ahead(rnd, device, last: torch.Tensor, drafts: torch.Tensor, budget: torch.Tensor, stop):
-    """During a verify: the device's scores after the last draft token, and (unless `stop()` first, a refusal or
-    EOS) an `Ahead` draft behind the guessed bonus token. Returns (scores, Ahead or None)."""
+def draft_ahead(rnd, device, last: torch.Tensor, drafts: torch.Tensor, budget: torch.Tensor, stop, then=None):
+    """During a verify: the device's scores after the last draft token (passed to `then` at once, e.g. to send
+    their certification asks), and (unless `stop()` first, a refusal or EOS) an `Ahead` draft behind the guessed
+    bonus token. Returns (scores, Ahead or None)."""
     e = rnd.e
     dev_last = rnd.timed_device(device, last)
+    if then is not None:
+        then(dev_last)
     if stop():
         return dev_last, None
     prefix = [e.align.to_device(drafts[p]).tolist() for p in range(drafts.shape[0])]

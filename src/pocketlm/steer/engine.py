@@ -33,6 +33,7 @@ from .fusion.formulas import log_policy
 from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
 from .fusion.rules import StepView
 from .overlap import Overlap
+from .pipelined import PipelinedAsks
 from .plan import DecodePlan, Generation, Sampling
 from .speculative import Speculation, SpeculativeRound, acceptance, draft_lengths
 from .stats import GenerateStats, Generations
@@ -163,6 +164,7 @@ class SteerEngine:
         cloud, device = self.cloud if plan.uses_cloud else None, self._device_streams_for_run()
         use_device = plan.uses_plain or plan.uses_ctx
         cl, dev = self._prefill(requests, plan, cloud, device if use_device else None, max_new_tokens)
+        asks = PipelinedAsks(self, plan, cloud, sampling)
         t_decode = self.clock.start_decode()
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
@@ -188,7 +190,10 @@ class SteerEngine:
                 use_device, dev = False, None
                 device.release()
                 log.debug("device streams stopped at step %d (no live row needs them)", step)
-            cl, dev = self.clock.step(cloud, cloud_ids, device if use_device else None, dev_ids, self.overlap)
+            mark = asks.mark()
+            cl, dev = self.clock.step(cloud, cloud_ids, device if use_device else None, dev_ids, self.overlap,
+                                      then=lambda d, mark=mark: asks.send(d, mark))
+            cl = asks.merge(cl)
         return self._finish(plan, (cloud, device), t_decode)
 
     def _draft_lengths(self, methods: list[Method], sampling: Sampling) -> list[int]:

@@ -61,12 +61,15 @@ class Overlap:
 
     # -- one decode step -----------------------------------------------------------------------------
     def step(self, cloud, cloud_ids: torch.Tensor, device, dev_ids: torch.Tensor, overlap: bool,
-             cloud_op: str = "step", **cloud_kw):
+             cloud_op: str = "step", then=None, **cloud_kw):
         """Step the cloud and/or the device streams (either may be None); returns (cloud logits, device scores).
-        `cloud_op="extend"`: the cloud verifies a speculative draft (`cloud_ids` `[B, T]`) meanwhile."""
+        `cloud_op="extend"`: the cloud verifies a speculative draft (`cloud_ids` `[B, T]`) meanwhile. `then(dev)`
+        (overlapped only): called with the device's scores as soon as they exist, while the cloud's are in flight."""
         if cloud is not None and device is not None and overlap:
-            return self.beside(cloud, cloud_ids, lambda fut: self.timed("device", device.step, dev_ids), cloud_op,
-                               **cloud_kw)
+            def work(fut):
+                dev = self.timed("device", device.step, dev_ids)
+                return then(dev) if then is not None else dev
+            return self.beside(cloud, cloud_ids, work, cloud_op, **cloud_kw)
         op = functools.partial(getattr(cloud, cloud_op), **cloud_kw) if cloud is not None else None
         cl = self.timed("cloud", op, cloud_ids) if cloud is not None else None
         dev = self.timed("device", device.step, dev_ids) if device is not None else None

@@ -30,8 +30,8 @@ import torch
 
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
-from .downlink.candidates import candidate_ids, expected_asks
 from .drafting import Ahead, Drafting, draft_ahead, rows_of
+from .pipelined import PipelinedAsks, position_candidates
 from .plan import Choice, DecodePlan
 from .streams.device import DeviceScores
 
@@ -84,6 +84,7 @@ class SpeculativeRound:
                       "ahead_rounds": 0, "ahead_hits": 0, "ahead_drafted": 0}
         self._carry: Ahead | None = None  # the next round's draft, written during the last verify
         self._estimates: dict[str, float] = {}  # running means (s) of a verify and of a device step
+        self._pipelined: PipelinedAsks | None = None  # asks sent while their verify is in flight
         for g in plan.gens:
             g.round_trips = 1  # the prefill
 
@@ -133,8 +134,11 @@ class SpeculativeRound:
         if int(budget.max()) == 0:  # nobody drafts: one ordinary step
             if prefilled is not None:
                 return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
+            asks = self._asks(cloud)
+            mark = asks.mark()
             cl, dev = e.clock.step(cloud, e.align.to_cloud(z), device, e.align.to_device(z).to(self.dev_device),
-                                   e.overlap)
+                                   e.overlap, then=lambda d: asks.send(d, mark))
+            cl = asks.merge(cl)
             self._called()
             return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
         carry, self._carry = self._carry, None
@@ -157,11 +161,19 @@ class SpeculativeRound:
         nxt = self._ahead_budget(emitted, lengths, k_used)
         kw = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
         ahead = None
+        # the last verified position's device scores are made during the verify: its asks follow it on the wire
+        # (rows that drafted fewer decide an earlier position, whose asks went up with the verify)
+        asks, full = self._asks(cloud), [int(length) == k_used for length in lengths.tolist()]
+        mark = asks.mark()
+
+        def then(d):
+            return asks.send(d, mark, full, position=cloud_ids.shape[1] - 1)
         if nxt is not None:
             cl, (dev_last, ahead) = self._verify_beside(cloud, cloud_ids, lambda stop: draft_ahead(
-                self, device, last, drafts, nxt, stop), kw)
+                self, device, last, drafts, nxt, stop, then), kw)
         else:
-            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", **kw)
+            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", then=then, **kw)
+        cl[-1] = asks.merge(cl[-1])
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
@@ -170,43 +182,34 @@ class SpeculativeRound:
         return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
                             offset=0 if prefilled is None else 1, ahead=ahead)
 
+    def _asks(self, cloud) -> PipelinedAsks:
+        if self._pipelined is None:
+            self._pipelined = PipelinedAsks(self.e, self.plan, cloud, self.sampling)
+        return self._pipelined
+
     def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int) -> dict:
         """For a top-k cloud that takes them (`verify_candidates` = the least per position): per row and verified
         position, the ids its certification is expected to ask about (downlink/candidates.py: as many ids of
         largest delta as the device's stand-in for the cloud says will reach the best, at least the least, at most
         `max_verify_candidates`), so that those asks ride in the verify's round trip. Only rows whose rule uses the
         context, only positions the row decides (verified position i decides draft index i + offset) and whose
-        device scores exist before the verify leaves (not the last one, stepped meanwhile)."""
+        device scores exist before the verify leaves (not the last one, stepped meanwhile: its asks follow the
+        verify on the wire, `PipelinedAsks`)."""
         least = getattr(cloud, "verify_candidates", 0)
         if not least:
             return {}
-        e, plan, n = self.e, self.plan, self.plan.live.numel()
+        n = self.plan.live.numel()
         most = max(least, getattr(cloud, "max_verify_candidates", least))
-        steers = torch.zeros(n, dtype=torch.bool)
-        kappa = torch.zeros(n)
-        rules = []
-        for g, pos in plan._positions(plan.live):
-            steers[pos] = bool(g.rule.needs_ctx)
-            kappa[pos] = float(g.rule.kappa_value() or 0.0) if g.rule.needs_ctx else 0.0
-            rules.append((g.rule, pos))
         out = [[[] for _ in range(positions)] for _ in range(n)]
         for i in range(positions):
             j = i + offset
             if j >= len(dev_seq):
                 break
-            view = e._view(CloudStep(None), dev_seq[j], plan.live)
-            if view.ctx is None or view.plain is None:
+            ids = position_candidates(self.e, self.plan, dev_seq[j], least, most, getattr(cloud, "k", least))
+            if ids is None:
                 continue
-            delta = view.ctx - view.plain
-            floor = torch.full((n,), float("-inf"), device=view.plain.device)
-            for rule, pos in rules:
-                f = rule.cloud_floor(view.plain[pos.to(view.plain.device)])
-                if f is not None:
-                    floor[pos.to(floor.device)] = f
-            counts = expected_asks(view.plain, delta, kappa, getattr(cloud, "k", least), floor)
-            ids = candidate_ids(delta, counts, least, most, e.align.to_cloud)
             for p in range(n):
-                if bool(steers[p]) and j <= int(lengths[p]):
+                if j <= int(lengths[p]):
                     out[p][i] = ids[p]
         return {"candidates": out} if any(c for row in out for c in row) else {}
 

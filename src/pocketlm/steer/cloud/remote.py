@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import torch
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -53,6 +54,10 @@ class RemoteCloud:
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise RemoteCloudError(f"cannot reach a step server at {url}: {type(e).__name__}: {e}") from None
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
+        self._count_lock = threading.Lock()  # a pipelined ask is sent while the worker thread reads
+        self._sent_cv = threading.Condition()
+        self._sent_seq = 0  # steps and verifies sent so far
+        self._pending: list[tuple[list[int], list[int], int]] = []  # asks sent ahead, unread: rows, lengths, n
         hello = self._recv()
         if not isinstance(hello, str):
             raise RemoteCloudError(f"{url} is not a pocketlm step server (no hello)")
@@ -74,13 +79,26 @@ class RemoteCloud:
                                    "model's; steering needs one shared tokenizer (the same ids on both sides)")
 
     # -- transport ----------------------------------------------------------------------------
-    def _send(self, text: str) -> None:
+    def _send(self, text: str, ahead: bool = False) -> None:
+        if self._pending and not ahead:
+            raise RemoteCloudError("internal: an ask sent ahead was not collected before the next request")
         try:
             self._ws.send(text)
         except ConnectionClosed as e:
             raise self._lost(e) from None
-        self.bytes_up += len(text.encode())
-        self.messages_up += 1
+        with self._count_lock:
+            self.bytes_up += len(text.encode())
+            self.messages_up += 1
+
+    def _sent_request(self) -> None:
+        """A step or verify went up: an ask waiting to follow it may go now."""
+        with self._sent_cv:
+            self._sent_seq += 1
+            self._sent_cv.notify_all()
+
+    def sent_count(self) -> int:
+        with self._sent_cv:
+            return self._sent_seq
 
     def _recv(self) -> str | bytes:
         try:
@@ -89,8 +107,9 @@ class RemoteCloud:
             raise RemoteCloudError(f"step server at {self.url} did not answer within {self.timeout:g} s") from None
         except ConnectionClosed as e:
             raise self._lost(e) from None
-        self.bytes_down += len(msg)
-        self.messages_down += 1
+        with self._count_lock:
+            self.bytes_down += len(msg)
+            self.messages_down += 1
         return msg
 
     def _lost(self, e: ConnectionClosed) -> RemoteCloudError:
@@ -130,6 +149,7 @@ class RemoteCloud:
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         self._send(wire.op("step", ids=token_ids.view(-1).tolist()))
+        self._sent_request()
         return self._scores()
 
     def extend(self, token_ids: torch.Tensor, candidates: list | None = None) -> list:
@@ -138,6 +158,7 @@ class RemoteCloud:
         b, t = token_ids.shape
         extra = {} if candidates is None else {"candidates": candidates}
         self._send(wire.op("verify", ids=token_ids.tolist(), **extra))
+        self._sent_request()
         scores = self._scores()
         index = torch.arange(b) * t
         return [scores[index + j] for j in range(t)]
@@ -200,6 +221,37 @@ class RemoteTopK(Truncating, RemoteCloud):
         self._send(wire.op("exact", rows=list(rows), ids=[list(map(int, i)) for i in ids], **self._at(position)))
         flat = self._scores().view(-1)
         return list(flat.split([len(i) for i in ids]))
+
+    def ask_ahead(self, ids: list[list[int]], *, after: int, position: int | None = None) -> bool:
+        """Send an `exact` ask for each live row's `ids` (empty: none) once the request after the first `after`
+        (the step or verify in flight, sent from the worker thread) has gone up, without waiting for an answer:
+        the server answers a session's messages in order, so this answer follows that request's and
+        `collect_ahead` reads it (downlink/pipelined.py). False (nothing sent) when asking is off or no row asks."""
+        rows = [p for p, i in enumerate(ids) if i]
+        if not self.ask or not rows:
+            return False
+        with self._sent_cv:
+            if not self._sent_cv.wait_for(lambda: self._sent_seq > after, timeout=self.timeout):
+                return False
+        self._send(wire.op("exact", rows=rows, ids=[list(map(int, ids[p])) for p in rows], **self._at(position)),
+                   ahead=True)
+        self._pending.append((rows, [len(ids[p]) for p in rows], len(ids)))
+        return True
+
+    def collect_ahead(self) -> list[torch.Tensor]:
+        """The oldest ask sent ahead: per live row of that ask, the exact logits of its ids (empty for rows that
+        asked nothing)."""
+        rows, lengths, n = self._pending[0]
+        msg = self._recv()
+        self._pending.pop(0)
+        if isinstance(msg, str):
+            err = json.loads(msg)
+            raise RemoteCloudError(f"step server refused: {err.get('error')} ({err.get('code')})")
+        flat = wire.decode_scores(msg).view(-1)
+        out = [torch.zeros(0)] * n
+        for p, s in zip(rows, flat.split(lengths), strict=True):
+            out[p] = s
+        return out
 
     def more(self, rows: list[int], depth: int, position: int | None = None) -> TopKLogits:
         self._send(wire.op("more", rows=list(rows), depth=int(depth), **self._at(position)))

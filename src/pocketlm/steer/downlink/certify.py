@@ -52,6 +52,8 @@ class DownlinkStats:
     deepened: int = 0          # times a row's top-k was extended (PartialCloud.more)
     deepened_ids: int = 0
     uncertified: int = 0       # the cloud could not answer: the best known token was taken (counted, logged)
+    ahead_requests: int = 0    # asks sent while their step was in flight (downlink/pipelined.py)
+    ahead_ids: int = 0
 
     def add(self, counts: dict) -> None:
         """Add another generation's counts (an `as_dict()`), e.g. to total a benchmark's generations."""

@@ -1,0 +1,106 @@
+"""Certification asks sent while the step they are about is still on the wire.
+
+With the overlap on, the cloud request leaves first and the device steps meanwhile, so the device's scores for
+a position exist a device step after the request left, while the cloud's answer comes a round trip and a cloud
+step after it. Certification then often finds it needs a few exact scores (downlink/certify.py) and asks: one
+more round trip. Instead, as soon as the device's scores exist, the ids it expects to need (downlink/candidates.py) go up
+on the same connection as an `exact` ask about the position in flight. The step server answers a session's
+messages in order, so that answer arrives about a device step after the cloud's rows instead of a round trip
+after certification: the asks ride in the step's round trip. Used for every non-speculative step and for the
+last position of a speculative verify (the one position whose device scores are computed during the verify;
+the others' candidates go up inside the verify itself).
+
+Exactness is untouched: the extra ids come back exactly scored and are merged into the step's top-k as known
+ids; what they miss is asked for as before. What goes up is what `candidates` already sends with a verify.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cloud_step import CloudStep
+from .downlink.candidates import candidate_ids, expected_asks
+from .downlink.topk import TopKLogits
+
+
+def position_candidates(engine, plan, dev, least: int, most: int, k: int) -> list[list[int]] | None:
+    """Per live row of `plan`, the cloud ids to ask about at the position whose device scores are `dev` (empty
+    for rows whose rule does not use the context); None when the device streams give no delta here."""
+    view = engine._view(CloudStep(None), dev, plan.live)
+    if view.ctx is None or view.plain is None:
+        return None
+    n = plan.live.numel()
+    kappa = torch.zeros(n)
+    floor = torch.full((n,), float("-inf"), device=view.plain.device)
+    for g, pos in plan._positions(plan.live):
+        if not g.rule.needs_ctx:
+            continue
+        kappa[pos] = float(g.rule.kappa_value() or 0.0)
+        f = g.rule.cloud_floor(view.plain[pos.to(view.plain.device)])
+        if f is not None:
+            floor[pos.to(floor.device)] = f
+    delta = view.ctx - view.plain
+    ids = candidate_ids(delta, expected_asks(view.plain, delta, kappa, k, floor), least, most, engine.align.to_cloud)
+    steers = [False] * n
+    for g, pos in plan._positions(plan.live):
+        for p in pos.tolist():
+            steers[p] = bool(g.rule.needs_ctx)
+    return [ids[p] if steers[p] else [] for p in range(n)]
+
+
+class PipelinedAsks:
+    """One generation's asks-in-flight for a cloud that takes them (`ask_ahead`, with asking on); inactive
+    otherwise (every method is then a no-op). Call `mark()` just before the request leaves, `send(dev, mark)`
+    from the thread that computed the device's scores, and `merge(top)` on the answer once it is back."""
+
+    def __init__(self, engine, plan, cloud, sampling):
+        self.e, self.plan, self.cloud = engine, plan, cloud
+        self.on = (cloud is not None and hasattr(cloud, "ask_ahead") and getattr(cloud, "verify_candidates", 0) > 0
+                   and sampling.temperature == 0 and engine.overlap)
+        self._sent: list[list[int]] | None = None
+
+    def mark(self) -> int | None:
+        """The cloud's count of requests sent so far (the ask waits until the next one has gone up)."""
+        return self.cloud.sent_count() if self.on else None
+
+    def send(self, dev, after: int | None, rows: list[bool] | None = None, position: int | None = None):
+        """Send the expected asks for the position whose device scores are `dev` (only `rows`, if given); returns
+        `dev`, so it can wrap the device step."""
+        if not self.on or after is None or dev is None:
+            return dev
+        least = self.cloud.verify_candidates
+        most = max(least, getattr(self.cloud, "max_verify_candidates", least))
+        ids = position_candidates(self.e, self.plan, dev, least, most, getattr(self.cloud, "k", least))
+        if ids is None:
+            return dev
+        if rows is not None:
+            ids = [i if keep else [] for i, keep in zip(ids, rows, strict=True)]
+        if any(ids) and self.cloud.ask_ahead(ids, after=after, position=position):
+            self._sent = ids
+        return dev
+
+    def merge(self, top):
+        """`top` (this position's `TopKLogits`) with the asked ids appended as exactly scored ones, once their
+        answer is read; `top` unchanged when nothing was sent."""
+        if self._sent is None:
+            return top
+        ids, self._sent = self._sent, None
+        scores = self.cloud.collect_ahead()
+        stats = self.plan.downlink
+        stats.ahead_requests += 1
+        stats.ahead_ids += sum(len(i) for i in ids)
+        width = max(len(i) for i in ids)
+        pad = getattr(self.cloud, "columns", None) or top.ids.max().item() + 1  # dropped by `dense`
+        extra_ids = torch.full((len(ids), width), int(pad), dtype=top.ids.dtype)
+        extra = top.bound.to(torch.float32).unsqueeze(1).repeat(1, width)
+        for p, (i, s) in enumerate(zip(ids, scores, strict=True)):
+            if i:
+                ok = torch.isfinite(s)  # an id the cloud cannot score stays unknown (certification asks again)
+                extra_ids[p, : len(i)] = torch.where(ok, torch.tensor(i, dtype=top.ids.dtype), extra_ids[p, : len(i)])
+                extra[p, : len(i)] = torch.where(ok, s.to(torch.float32), extra[p, : len(i)])
+        return TopKLogits(torch.cat([top.ids, extra_ids.to(top.ids.device)], 1),
+                          torch.cat([top.scores.to(torch.float32), extra.to(top.scores.device)], 1), top.bound,
+                          top.lse)
+
+
+__all__ = ["PipelinedAsks", "position_candidates"]

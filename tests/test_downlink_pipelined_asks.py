@@ -1,0 +1,74 @@
+"""Certification asks sent while their step is in flight (downlink/pipelined.py): with the top-k downlink and the
+overlap on, the device's expected asks go up as soon as its scores exist, on the same connection, and come back
+right behind the step's (or the verify's last position's) rows. The tokens stay those of the in-process f32
+cloud; fewer asks are left to certification; an unread ask is a clear error, never a silently shifted answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pocketlm.steer import SteerEngine, SteerRequest, parse_methods
+from pocketlm.steer.cloud.in_process import HFCloudBackend
+from pocketlm.steer.cloud.remote import RemoteTopK
+from pocketlm.steer.cloud.wire import RemoteCloudError
+from pocketlm.steer.speculative import Speculation
+from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, start_server
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_UVICORN_WARNINGS)
+SECRET = "I am Ann Quist, a baker on Mill Road; I write tersely and I love the sea."
+QUERIES = ["Write a haiku.", "Tell me about the sea, please, in some detail.", "Why?"]
+
+
+def _decode(serve_pair, ms, reqs, speculate: int, pipelined: bool, monkeypatch):
+    cloud, device, tok = serve_pair
+    with monkeypatch.context() as mp:
+        if not pipelined:
+            mp.setattr(RemoteTopK, "ask_ahead", lambda self, ids, after, position=None: False)
+        with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
+            engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(speculate))
+            out = engine.generate(reqs, ms, max_new_tokens=20)
+            engine.close()
+    return out
+
+
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_asks_in_flight_keep_the_tokens_and_save_asks(serve_pair, monkeypatch, speculate):
+    cloud, device, tok = serve_pair
+    ms = parse_methods("closed_form@2,plausible@2,cloud")
+    reqs = [SteerRequest.with_context(QUERIES[i % 3], SECRET) for i in range(len(ms))]
+    ref = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok).generate(reqs, ms, max_new_tokens=20)
+    without = _decode(serve_pair, ms, reqs, speculate, False, monkeypatch)
+    with_ = _decode(serve_pair, ms, reqs, speculate, True, monkeypatch)
+    assert [g.token_ids for g in without] == [g.token_ids for g in ref]
+    assert [g.token_ids for g in with_] == [g.token_ids for g in ref]
+    before, after = without.stats.downlink, with_.stats.downlink
+    assert before["ahead_requests"] == 0 and after["ahead_requests"] > 0
+    assert before["exact_requests"] > 0  # the setting makes certification ask, so saving asks means something
+    assert after["exact_requests"] + after["deepened"] < before["exact_requests"] + before["deepened"]
+    assert after["uncertified"] == 0
+
+
+def test_no_asks_in_flight_without_the_overlap_or_when_sampling(serve_pair):
+    cloud, device, tok = serve_pair
+    ms = parse_methods("closed_form@2")
+    reqs = [SteerRequest.with_context(QUERIES[1], SECRET)]
+    with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
+        out = SteerEngine(rc, tok, device, tok, overlap=False).generate(reqs, ms, max_new_tokens=8)
+    assert out.stats.downlink["ahead_requests"] == 0
+
+
+def test_an_ask_not_read_is_a_clear_error(serve_pair):
+    cloud, _, tok = serve_pair
+    with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
+        rc.prefill([[256, 1, 72, 258]])
+        mark = rc.sent_count()
+        rc.step(torch.tensor([5]))
+        assert rc.ask_ahead([[7, 9]], after=mark)
+        with pytest.raises(RemoteCloudError, match="not collected"):
+            rc.step(torch.tensor([6]))
+        got = rc.collect_ahead()
+        assert len(got) == 1 and got[0].shape == (2,)
+        assert not rc.ask_ahead([[]], after=rc.sent_count() - 1)  # nothing to ask: nothing sent
+    with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2, ask=False) as rc:
+        assert not rc.ask_ahead([[7]], after=0)  # topk:K:noexact: no id leaves the device
