@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from personal_fixtures import trained_user
 from pocketlm.cli import app
 from pocketlm.errors import PocketLMError
 from pocketlm.models import build_tiny
@@ -81,14 +82,29 @@ def test_one_model_for_both_roles_keeps_the_cloud_float():
     assert len(out[0].token_ids) == 4
 
 
+def test_an_int8_personal_model_steers_and_speculates_exactly(tmp_path):
+    """`--device-quantize int8 --adapters`: the CoMiGS personal model's frozen base layers in int8 (its mixtures
+    call them as modules), its adapters in bf16; the cloud keeps its float weights; speculation stays exact."""
+    base, _ = build_tiny("tiny-llama", seed=1)
+    _, folder = trained_user(base, tmp_path)
+    ms = parse_methods("closed_form,plausible")
+    reqs = [SteerRequest.with_context(q, "I am Ann, a baker; I love the sea.") for q in ("A note?", "The sea?")]
+    out = {}
+    for k in (0, 3):
+        engine = load_engine("tiny-llama", "tiny-llama", adapters=str(folder), device_quantize="int8", speculate=k)
+        assert any(isinstance(m, Int8Linear) for m in engine.device_model.modules())
+        assert not any(isinstance(m, Int8Linear) for m in engine.cloud.model.modules())
+        out[k] = engine.generate(reqs, ms, max_new_tokens=12)
+    assert [g.token_ids for g in out[3]] == [g.token_ids for g in out[0]]
+    assert out[3].stats.speculation["accepted"] > 0
+
+
 def test_bad_requests_are_refused(tmp_path):
     model, _ = build_tiny("tiny-llama", seed=1)
     with pytest.raises(PocketLMError, match="unknown device quantization 'int4'"):
         quantize_device_model(model, "int4")
     with pytest.raises(PocketLMError, match="unknown cloud quantization 'int4'"):
         quantize_device_model(model, "int4", role="cloud", option="--quantize")
-    with pytest.raises(PocketLMError, match="does not combine with --adapters"):
-        load_engine("tiny-llama", "tiny-llama", device_quantize="int8", adapters=str(tmp_path))
     assert quantize_device_model(model, None) is model
 
 

@@ -6,7 +6,6 @@ import copy
 import os
 from collections.abc import Callable
 
-from ..errors import PocketLMError
 from ..models import load_model
 from ..models.quantize import quantize_device_model
 from ..moe.personal import load_personal
@@ -34,10 +33,8 @@ def load_engine(cloud_spec: str, local_spec: str, *, device: str | None = None, 
     downlink (K best ids per step, default 64; certify.py; `topk:K:noexact` never sends candidate ids up).
     `speculate`: draft tokens per cloud round trip (speculative.py; 0 = off), or a `Speculation`.
     `cloud_verify` (OpenAI-compatible cloud): parallel | echo, how a draft is verified (openai_verify.py).
-    `device_quantize`: None | int8, the device model's weights (models/quantize.py; CPU, not with `adapters`)."""
-    if device_quantize and adapters:
-        raise PocketLMError("--device-quantize does not combine with --adapters yet (the personal model's mixtures "
-                            "read their base layers' float weights)")
+    `device_quantize`: None | int8, the device model's weights (models/quantize.py; CPU; with `adapters` the
+    personal model's frozen base layers, its adapters in bf16)."""
     if is_remote(cloud_spec) or is_openai(cloud_spec):
         dev_model, dev_tok = loader(local_spec, device=device, dtype=dtype, seed=seed + 1)
         if adapters:
