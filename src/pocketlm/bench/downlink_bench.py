@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from ..models.vocab import head_rows
 from ..progress import progress
 from ..steer.cloud.remote import RemoteCloud, RemoteTopK
 from ..steer.downlink.certify import DownlinkStats
@@ -70,6 +71,6 @@ def bench_downlink(cloud: str, local: str, *, ks: tuple[int, ...] = (16, 64, 256
     f32 = doc["rows"]["f32"]["down_per_token"]
     for row in doc["rows"].values():
         row["down_ratio_vs_f32"] = row["down_per_token"] / f32
-    doc["vocab_rows"] = dev_model.get_output_embeddings().weight.shape[0]
+    doc["vocab_rows"] = head_rows(dev_model)
     return doc
 

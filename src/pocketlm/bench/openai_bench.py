@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import PocketLMError
 from ..models.builtin import BUILTIN_MODELS, builtin_gguf
@@ -148,8 +149,10 @@ def bench_openai(server: str | None, local: str, *, gguf: str = "smollm2-135m", 
     try:
         url = server.removeprefix("openai+")
         if rtt_ms:
-            host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
-            proxy = DelayProxy(host, int(port), rtt_ms).start()
+            where = urlsplit(url)
+            if where.hostname is None or where.port is None:
+                raise PocketLMError(f"--rtt needs a server URL with a host and a port, got {url!r}")
+            proxy = DelayProxy(where.hostname, where.port, rtt_ms).start()
             url = proxy.url
         configs = [(k, 0, "parallel") for k in sorted(ks)]
         configs += [(k, speculate, mode) for k in sorted(ks) for mode in VERIFY_CONFIGS] if speculate else []

@@ -27,6 +27,7 @@ import urllib.request
 import numpy as np
 
 from ..errors import PocketLMError
+from ..models.vocab import head_rows
 from ..progress import progress
 from ..steer.cloud.in_process import HFCloudBackend
 from ..steer.cloud.remote import RemoteCloud, ws_url
@@ -178,7 +179,7 @@ def bench_serve(cloud: str, local: str, *, tokens: int = 32, context_tokens: int
         doc["rows"]["sessions/1"] = {"tok_s": agg[1], "ratio": 1.0}
         doc["rows"][f"sessions/{sessions}"] = {"tok_s": agg[sessions], "ratio": agg[sessions] / agg[1]}
         doc["server_metrics"] = _idle_metrics(server)
-    doc["vocab_rows"] = cloud_model.get_output_embeddings().weight.shape[0]
+    doc["vocab_rows"] = head_rows(cloud_model)
     doc["device"] = str(next(dev_model.parameters()).device)
     log.info("serve bench: %s", json.dumps({k: round(v["tok_s"], 2) for k, v in doc["rows"].items()}))
     return doc

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack
+from urllib.parse import urlsplit
 
 from ..errors import PocketLMError
 from ..models.quantize import quantize_device_model
@@ -130,7 +131,8 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
     fmts = [f.strip() for f in fmt.split(",") if f.strip()]
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
                        max_prompt_tokens=prompt_len + 64, threads=threads, quantize=cloud_quantize) as server:
-        host, port = server.url.removeprefix("http://").split(":")
+        where = urlsplit(server.url)
+        host, port = where.hostname, where.port
         for rtt in progress(rtts, desc="bench spec: RTTs", total=len(rtts)):
             with DelayProxy(host, int(port), rtt, mbit_s=mbit_s) as proxy, ExitStack() as clients:
                 # one engine per downlink format, each configuration run in every format back to back, so that

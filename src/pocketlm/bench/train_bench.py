@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import PocketLMError
+from ..models.vocab import head_rows
 from ..moe import MoEConfig, inject_moe, shared_base_view
 from ..progress import progress
 
@@ -178,7 +179,7 @@ def bench_train(base: nn.Module, *, experts=(2, 4, 8), paths=("fused", "referenc
     `single=False` leaves the baseline out (the GPU suite times each configuration in its own process).
     """
     device = next(base.parameters()).device
-    vocab = base.get_output_embeddings().weight.shape[0]
+    vocab = head_rows(base)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     configs = [("single", MoEConfig(num_experts=1, router=False, rank=rank, alpha=alpha, seed=seed))] if single else []
     configs += [((e, path), MoEConfig(num_experts=e, top_k=top_k, rank=rank, alpha=alpha, seed=seed,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import PocketLMError
 from ..jsonfile import write_json
+from ..models.vocab import head_rows
 from .inject import ROLES, param_role
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def load_parts(model: nn.Module, directory: str | Path) -> None:
 def base_fingerprint(model: nn.Module) -> dict:
     """What must match between the base an adapter was trained on and the one it is loaded onto."""
     cfg = model.config
-    return {"model_type": cfg.model_type, "vocab_rows": model.get_output_embeddings().weight.shape[0],
+    return {"model_type": cfg.model_type, "vocab_rows": head_rows(model),
             "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers}
 
 

@@ -46,6 +46,12 @@ ECHO_TOL = 0.5  # nats: how far an echoed entry may sit from the step's answer a
 ORDER_CHECK = 3  # ... and its best ids must be the step's, in the same order
 
 
+
+def _after_first_draft(end: int, t: int, after: bool) -> int:
+    """Index of the echoed entry holding the distribution after draft[0], for a draft of t - 1 tokens whose last
+    sits at `end`: entry i is the distribution after token i (`after`) or the one that predicts token i."""
+    return end - t + 1 if after else end - t + 2
+
 class Verifying:
     """`extend` / `rewind` and per-position state for `OpenAICloud` (which provides `_top`, `_complete`,
     `_topk`, `_seqs`, `_tops`, `pieces`, `k`, `stats`)."""
@@ -156,7 +162,7 @@ class Verifying:
         for end in ends:
             for after in (True, False):
                 at = end if after else end + 1  # where the distribution after the whole sequence is echoed
-                first = end - t + 1 if after else end - t + 2  # the entry after draft[0]
+                first = _after_first_draft(end, t, after)
                 if at >= len(tops) or any(not isinstance(tops[e], dict) or not tops[e] for e in range(first, at + 1)):
                     continue
                 drift = self._drift(tops[at], str(tokens[at]), last)
@@ -169,7 +175,7 @@ class Verifying:
         if self._echo_after is not after:
             log.info("%s echoes at token i the distribution %s it", self.url, "after" if after else "that predicts")
         self._echo_after = after  # llama-cpp-python's depends on whether the prompt starts with its BOS token
-        first = end - t + 1 if after else end - t + 2
+        first = _after_first_draft(end, t, after)
         rows = [self._settled(seq[:len(seq) - t + j + 1],
                               parse_echoed(tops[first + j], self.k, str(tokens[first + j]), self.pieces))
                 for j in range(t - 1)]
