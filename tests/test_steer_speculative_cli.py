@@ -59,7 +59,7 @@ def test_bench_spec_runs_over_the_delay_proxy(tmp_path):
     out, png = tmp_path / "spec.json", tmp_path / "spec.png"
     res = runner.invoke(app, ["bench", "spec", "--cloud", "tiny-llama", "--local", "tiny-llama", "--rtt", "0,40",
                               "--ks", "2", "--tokens", "6", "--prompts", "1", "--mbit", "100", "--json", str(out),
-                              "--cloud-format", "f32,topk:8",
+                              "--cloud-format", "f32,topk:8", "--repeats", "2",
                               "--plot", str(png)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
@@ -70,6 +70,7 @@ def test_bench_spec_runs_over_the_delay_proxy(tmp_path):
     assert {r["rtt_ms"] for r in recs} == {0, 40}
     assert doc["mbit_s"] == 100
     assert {r["format"] for r in recs} == {"f32", "topk:8"}  # every configuration in both formats
+    assert all(len(r["tok_s_runs"]) == 2 and r["tok_s"] in r["tok_s_runs"] for r in recs)
     assert all(r["identical"] for r in recs if r["method"] == "closed_form" and r["format"] == "topk:8")
     assert all(r["identical"] for r in recs if r["method"] == "closed_form")
     spec = next(r for r in recs if r["config"] == "closed_form/spec2" and r["rtt_ms"] == 40)

@@ -98,6 +98,32 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             "device_step_ms": 1000 * device_s / device_calls if device_calls else None}
 
 
+def _measure(engines: dict, proxy, reqs, cfg, tokens: int, rtt: int, refs: dict, repeats: int) -> list[dict]:
+    """One configuration in every format, `repeats` times interleaved (f32, topk, f32, topk, ...): per format the
+    run with the median tok/s (every run's tok/s in `tok_s_runs`); `identical` when every run's tokens equal the
+    reference (the first format's non-speculative run of the method; SpecSteer: its own run without drafting
+    ahead, since its drafts decide its text)."""
+    label, method, k, drafts_ahead = cfg
+    runs: dict[str, list[dict]] = {f: [] for f in engines}
+    for _ in range(repeats):
+        for f, engine in engines.items():
+            engine.speculation = Speculation(k, ahead=drafts_ahead)
+            runs[f].append(_decode(engine, proxy, reqs, method, tokens))
+    out = []
+    for f, recs in runs.items():
+        if (k == 0 and method != "specsteer") or (method == "specsteer" and not drafts_ahead):
+            refs.setdefault(method, recs[0]["ids"])
+        ref = refs.get(method)
+        rec = dict(sorted(recs, key=lambda r: r["tok_s"] or 0.0)[len(recs) // 2])
+        rec.update(config=label, format=f, method=method.split("@")[0], k=k if method != "specsteer" else 4,
+                   rtt_ms=rtt, ahead=drafts_ahead, tok_s_runs=[r["tok_s"] for r in recs],
+                   identical=all(r["ids"] == ref for r in recs) if ref is not None else None)
+        rec["projected_tok_s"] = {f"{c:g}ms": _project(rec, c, rtt) for c in PROJECTED_CLOUD_MS}
+        del rec["ids"]
+        out.append(rec)
+    return out
+
+
 def _project(rec: dict, cloud_ms: float, rtt_ms: float) -> float:
     """tok/s at a cloud step of `cloud_ms` (see the module docstring)."""
     dev = rec["device_step_ms"] or 0.0
@@ -111,11 +137,13 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
                kappa: float = 1.0, fmt: str = "f32", overlap: bool = True, device: str | None = None,
                dtype: str = "float32", threads: int | None = None, ahead: bool = False,
                device_quantize: str | None = None, mbit_s: float | None = None,
-               cloud_quantize: str | None = None) -> dict:
+               cloud_quantize: str | None = None, repeats: int = 1) -> dict:
     """Records for every (RTT, configuration); see the module docstring. `mbit_s`: the link's bandwidth each way
     (None: latency only)."""
     if prompts < 1 or prompts > len(PROMPTS):
         raise PocketLMError(f"--prompts must be in 1..{len(PROMPTS)}")
+    if repeats < 1:
+        raise PocketLMError(f"--repeats must be >= 1, got {repeats}")
     if mbit_s is not None and not (math.isfinite(mbit_s) and mbit_s > 0):
         raise PocketLMError(f"--mbit must be a bandwidth in Mbit/s > 0, got {mbit_s!r}")
     dev_model, dev_tok = load_bench_model(local, device=device, dtype=dtype, seed=1)
@@ -126,7 +154,8 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
     doc = {"cloud": cloud, "local": local, "tokens": tokens, "prompts": prompts, "kappa": kappa, "format": fmt,
            "overlap": overlap, "ahead": ahead, "dtype": dtype, "device_quantize": device_quantize,
            "cloud_quantize": cloud_quantize,
-           "server_threads": threads, "mbit_s": mbit_s, "records": []}
+           "server_threads": threads, "mbit_s": mbit_s, "repeats": repeats,
+           "records": []}
     refs: dict[str, list] = {}
     fmts = [f.strip() for f in fmt.split(",") if f.strip()]
     with ServerProcess(cloud, device=device, dtype=dtype, slots=8, max_new_tokens=tokens + 40,
@@ -142,21 +171,11 @@ def bench_spec(cloud: str, local: str, *, rtts: list[int], ks: list[int], tokens
                     engines[f] = SteerEngine(clients.enter_context(_client(proxy.url, dev_tok, f)), dev_tok,
                                              dev_model, dev_tok, overlap=overlap)
                     engines[f].generate([reqs[0]], [get_method("cloud")], max_new_tokens=2)  # warm-up
-                for label, method, k, drafts_ahead in configs:
-                    for f, engine in engines.items():
-                        engine.speculation = Speculation(k, ahead=drafts_ahead)
-                        rec = _decode(engine, proxy, reqs, method, tokens)
-                        if (k == 0 and method != "specsteer") or (method == "specsteer" and not drafts_ahead):
-                            refs.setdefault(method, rec["ids"])  # SpecSteer's own drafts decide its text: vs itself
-                        ref = refs.get(method)  # the first format's tokens: a certified top-k must equal them too
-                        rec.update(config=label, format=f, method=method.split("@")[0],
-                                   k=k if method != "specsteer" else 4, rtt_ms=rtt, ahead=drafts_ahead,
-                                   identical=(rec["ids"] == ref) if ref is not None else None)
-                        rec["projected_tok_s"] = {f"{c:g}ms": _project(rec, c, rtt) for c in PROJECTED_CLOUD_MS}
-                        del rec["ids"]
+                for cfg in configs:
+                    for rec in _measure(engines, proxy, reqs, cfg, tokens, rtt, refs, repeats):
                         doc["records"].append(rec)
-                        log.info("rtt %d ms %s (%s): %.2f tok/s, %.2f tokens/round trip", rtt, label, f,
-                                 rec["tok_s"], rec["tokens_per_round_trip"])
+                        log.info("rtt %d ms %s (%s): %.2f tok/s, %.2f tokens/round trip", rtt, rec["config"],
+                                 rec["format"], rec["tok_s"], rec["tokens_per_round_trip"])
                 for engine in engines.values():
                     engine.close()
     return doc

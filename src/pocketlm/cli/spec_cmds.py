@@ -23,6 +23,8 @@ def bench_spec_cmd(
     ks: str = typer.Option("2,4,8", help="Draft lengths for --speculate (comma list)."),
     tokens: int = typer.Option(48, help="New tokens per generation at most (greedy)."),
     prompts: int = typer.Option(3, min=1, max=4, help="Built-in prompts with a private profile (1..4)."),
+    repeats: int = typer.Option(1, min=1, help="Runs of each configuration (formats interleaved); the median's "
+                                               "record is kept, every run's tok/s listed."),
     kappa: float = typer.Option(1.0, help="kappa of closed_form (and SpecSteer's beta is its own default 1)."),
     cloud_format: str = typer.Option("f32", help="Downlink: f32 | f16 | bf16 | topk[:K]; a comma list runs each "
                                                  "configuration in every format back to back."),
@@ -51,7 +53,7 @@ def bench_spec_cmd(
     doc = bench_spec(cloud, local, rtts=int_list(rtt, "--rtt"), ks=int_list(ks, "--ks"), tokens=tokens,
                      prompts=prompts, kappa=kappa, fmt=cloud_format, overlap=overlap, device=device, dtype=dtype,
                      threads=threads, ahead=ahead, device_quantize=device_quantize, mbit_s=mbit,
-                     cloud_quantize=cloud_quantize)
+                     cloud_quantize=cloud_quantize, repeats=repeats)
     doc.update(**machine())
     quant = f" ({device_quantize})" if device_quantize else ""
     cloud_quant = f" ({cloud_quantize})" if cloud_quantize else ""

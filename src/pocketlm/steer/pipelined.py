@@ -68,9 +68,10 @@ class PipelinedAsks:
         `dev`, so it can wrap the device step."""
         if not self.on or after is None or dev is None:
             return dev
-        least = self.cloud.verify_candidates
-        most = max(least, getattr(self.cloud, "max_verify_candidates", least))
-        ids = position_candidates(self.e, self.plan, dev, least, most, getattr(self.cloud, "k", least))
+        # only where certification is expected to ask (no floor of ids, unlike a verify's candidates): an ask in
+        # flight delays the step by the time its answer trails the rows, so a step expected to certify sends none
+        most = max(1, getattr(self.cloud, "max_verify_candidates", self.cloud.verify_candidates))
+        ids = position_candidates(self.e, self.plan, dev, 0, most, getattr(self.cloud, "k", 1))
         if ids is None:
             return dev
         if rows is not None:
