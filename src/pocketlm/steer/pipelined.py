@@ -8,7 +8,7 @@ on the same connection as an `exact` ask about the position in flight. The step 
 messages in order, so that answer arrives about a device step after the cloud's rows instead of a round trip
 after certification: the asks ride in the step's round trip. Used for every non-speculative step and for the
 last position of a speculative verify (the one position whose device scores are computed during the verify;
-the others' candidates go up inside the verify itself).
+the others' candidates go up inside the verify itself), wherever the estimate expects an ask.
 
 Exactness is untouched: the extra ids come back exactly scored and are merged into the step's top-k as known
 ids; what they miss is asked for as before. What goes up is what `candidates` already sends with a verify.
