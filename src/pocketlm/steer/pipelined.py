@@ -93,7 +93,7 @@ class PipelinedAsks:
         width = max(len(i) for i in ids)
         pad = getattr(self.cloud, "columns", None) or top.ids.max().item() + 1  # dropped by `dense`
         extra_ids = torch.full((len(ids), width), int(pad), dtype=top.ids.dtype)
-        extra = top.bound.to(torch.float32).unsqueeze(1).repeat(1, width)
+        extra = top.bound.to("cpu", torch.float32).unsqueeze(1).repeat(1, width)
         for p, (i, s) in enumerate(zip(ids, scores, strict=True)):
             if i:
                 ok = torch.isfinite(s)  # an id the cloud cannot score stays unknown (certification asks again)

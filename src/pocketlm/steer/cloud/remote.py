@@ -184,6 +184,7 @@ class RemoteCloud:
 
 
 VERIFY_CANDIDATES = 16
+AHEAD_WAIT_S = 5.0  # how long an ask sent ahead waits for the request it follows to have gone up
 
 
 class RemoteTopK(Truncating, RemoteCloud):
@@ -230,8 +231,8 @@ class RemoteTopK(Truncating, RemoteCloud):
         rows = [p for p, i in enumerate(ids) if i]
         if not self.ask or not rows:
             return False
-        with self._sent_cv:
-            if not self._sent_cv.wait_for(lambda: self._sent_seq > after, timeout=self.timeout):
+        with self._sent_cv:  # the worker sends at once; if it has not within seconds it failed: ask on demand
+            if not self._sent_cv.wait_for(lambda: self._sent_seq > after, timeout=min(self.timeout, AHEAD_WAIT_S)):
                 return False
         self._send(wire.op("exact", rows=rows, ids=[list(map(int, ids[p])) for p in rows], **self._at(position)),
                    ahead=True)
