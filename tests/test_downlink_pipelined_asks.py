@@ -72,3 +72,28 @@ def test_an_ask_not_read_is_a_clear_error(serve_pair):
         assert not rc.ask_ahead([[]], after=rc.sent_count() - 1)  # nothing to ask: nothing sent
     with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2, ask=False) as rc:
         assert not rc.ask_ahead([[7]], after=0)  # topk:K:noexact: no id leaves the device
+
+
+@pytest.mark.parametrize("speculate", [0, 3])
+def test_the_first_tokens_asks_ride_with_the_open(serve_pair, monkeypatch, speculate):
+    """The device prefills while the cloud's prefill travels, and the first position's expected asks follow the
+    open on the wire: one token per row is then certified with no ask on demand, where without them it asks."""
+    cloud, device, tok = serve_pair
+    ms = parse_methods("closed_form@2,closed_form@3")
+    reqs = [SteerRequest.with_context(QUERIES[i], SECRET) for i in range(len(ms))]
+    ref = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok).generate(reqs, ms, max_new_tokens=1)
+    outs = {}
+    for pipelined in (False, True):
+        with monkeypatch.context() as mp:
+            if not pipelined:
+                mp.setattr(RemoteTopK, "ask_ahead", lambda self, ids, after, position=None: False)
+            with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
+                engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(speculate))
+                outs[pipelined] = engine.generate(reqs, ms, max_new_tokens=1)
+                engine.close()
+                assert rc.sent_count() == 1  # the open only: one token needs no step or verify
+    for out in outs.values():
+        assert [g.token_ids for g in out] == [g.token_ids for g in ref]
+    assert outs[False].stats.downlink["exact_requests"] + outs[False].stats.downlink["deepened"] > 0
+    assert outs[True].stats.downlink["ahead_requests"] == 1
+    assert outs[True].stats.downlink["exact_requests"] + outs[True].stats.downlink["deepened"] == 0

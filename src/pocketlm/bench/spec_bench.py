@@ -32,6 +32,7 @@ from ..serve.wan import DelayProxy
 from ..steer import SteerEngine, SteerRequest, get_method
 from ..steer.cloud.remote import RemoteCloud, RemoteTopK
 from ..steer.cloud.wire import TOPK, topk_of
+from ..steer.downlink.certify import DownlinkStats
 from ..steer.engine import chat_ids
 from ..steer.speculative import Speculation
 from .geometries import load_bench_model
@@ -71,6 +72,7 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
     """One configuration over every prompt (one generate per prompt, batch 1): tokens, wall time, traffic."""
     proxy.reset_counts()
     made, wall, ids, spec_stats, device_s, device_calls = 0, 0.0, [], [], 0.0, 0
+    downlink = DownlinkStats()
     for r in reqs:
         t0 = time.perf_counter()
         out = engine.generate([r], [get_method(method)], max_new_tokens=tokens)
@@ -81,6 +83,8 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
         device_calls += out.stats.calls.get("device", 0)
         if out.stats.speculation:
             spec_stats.append(out.stats.speculation)
+        if out.stats.downlink:
+            downlink.add({k: out.stats.downlink[k] for k in downlink.__dataclass_fields__})
     counts = proxy.counts()
     drafted = sum(s["drafted"] for s in spec_stats)
     ahead_rounds = sum(s.get("ahead_rounds", 0) for s in spec_stats)
@@ -95,7 +99,8 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             "bytes_up_per_token": counts["bytes_up"] / made if made else None,
             "bytes_down_per_token": counts["bytes_down"] / made if made else None,
             "messages_up": counts["messages_up"],
-            "device_step_ms": 1000 * device_s / device_calls if device_calls else None}
+            "device_step_ms": 1000 * device_s / device_calls if device_calls else None,
+            "downlink": downlink.as_dict() if downlink.rows else None}
 
 
 def _measure(engines: dict, proxy, reqs, cfg, tokens: int, rtt: int, refs: dict, repeats: int) -> list[dict]:

@@ -163,8 +163,8 @@ class SteerEngine:
             return self._speculative(requests, plan, sampling, gen, drafts, max_new_tokens, on_token, ignore_eos)
         cloud, device = self.cloud if plan.uses_cloud else None, self._device_streams_for_run()
         use_device = plan.uses_plain or plan.uses_ctx
-        cl, dev = self._prefill(requests, plan, cloud, device if use_device else None, max_new_tokens)
         asks = PipelinedAsks(self, plan, cloud, sampling)
+        cl, dev = self._prefill(requests, plan, cloud, device if use_device else None, max_new_tokens, asks)
         t_decode = self.clock.start_decode()
         for step in range(max_new_tokens):
             t0 = time.perf_counter()
@@ -216,7 +216,8 @@ class SteerEngine:
                      ignore_eos: bool) -> Generations:
         """Rounds of draft -> verify -> accept (speculative.py); the first token comes from the prefill's scores."""
         cloud, device = self.cloud, self._device_streams_for_run()
-        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts))
+        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts),
+                                PipelinedAsks(self, plan, cloud, sampling))
         rnd = SpeculativeRound(self, plan, self.speculation, sampling, gen, drafts, on_token, ignore_eos,
                                max_new_tokens)
         t_decode = self.clock.start_decode()
@@ -248,15 +249,18 @@ class SteerEngine:
                               plan.downlink.as_dict() if self.partial else None, speculation)
         return Generations(plan.gens, stats)
 
-    def _prefill(self, requests, plan: DecodePlan, cloud, device, max_new_tokens: int):
-        """The cloud gets chat(query) ids only (chat(context + query) only for the non-private upper bound)."""
-        cl = dev = None
+    def _prefill(self, requests, plan: DecodePlan, cloud, device, max_new_tokens: int,
+                 asks: PipelinedAsks | None = None):
+        """The cloud gets chat(query) ids only (chat(context + query) only for the non-private upper bound). With
+        the overlap on and a cloud behind a network, the device prefills while the cloud's prefill travels, and
+        the asks its first position is expected to need follow the open on the wire (pipelined.py): the first
+        token, where the context shifts the most, then costs no extra round trip."""
+        cl = dev = prompts = None
         if cloud is not None:
             texts = [r.private if m.cloud_prompt == "context" else r.query
                      for r, m in zip(requests, plan.methods, strict=True)]
             uniq, expand = unique_prompts([chat_ids(self.cloud_tok, t, self.system) for t in texts])
             cloud.reserve(max_new_tokens)
-            cl = self.clock.timed("cloud", cloud.prefill, uniq, expand)
         if device is not None:
             device.reserve(max_new_tokens)
             prompts = [DevicePrompt(chat_ids(self.device_tok, r.query, self.system) if plan.uses_plain else None,
@@ -264,7 +268,20 @@ class SteerEngine:
                                              else r.private, self.system) if plan.uses_ctx else None,
                                     plain_mode=REFERENCE_MODE[m.signal])
                        for r, m in zip(requests, plan.methods, strict=True)]
-            dev = self.clock.timed("device", device.prefill, prompts)
+        if cloud is not None and device is not None and self.overlap and getattr(cloud, "round_trips", True):
+            mark = asks.mark() if asks is not None else None
+
+            def work(_fut):
+                d = self.clock.timed("device", device.prefill, prompts)
+                return asks.send(d, mark) if asks is not None else d
+            cl, dev = self.clock.alongside(lambda: cloud.prefill(uniq, expand), work)
+            if asks is not None:
+                cl = asks.merge(cl)
+        else:
+            if cloud is not None:
+                cl = self.clock.timed("cloud", cloud.prefill, uniq, expand)
+            if device is not None:
+                dev = self.clock.timed("device", device.prefill, prompts)
         self.clock.timings["prefill_s"] = self.clock.timings.get("cloud", 0.0) + self.clock.timings.get("device", 0.0)
         return cl, dev
 

@@ -83,6 +83,19 @@ class Overlap:
             with torch.cuda.stream(self._side_stream):
                 return self.measure(op, ids)
 
+    def alongside(self, cloud_call, work):
+        """`cloud_call()` in the worker and `work(future)` here meanwhile; returns (its result, work's result). For
+        a cloud behind a network (a remote prefill: no CUDA stream to order), whose call is mostly a round trip."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
+        fut = self._pool.submit(self._cloud_in_worker, lambda _: cloud_call(), None)
+        try:
+            out = work(fut)
+        finally:
+            cl, secs = fut.result()
+        self.add("cloud", secs, count=True)
+        return cl, out
+
     def beside(self, cloud, cloud_ids: torch.Tensor, work, cloud_op: str = "step", **cloud_kw):
         """Run the cloud's `cloud_op` (with `cloud_kw`) in the worker and `work(future)` here meanwhile (it may
         poll `future.done()` to stop in time); returns (cloud result, work's result)."""

@@ -6,8 +6,9 @@ step after it. Certification then often finds it needs a few exact scores (downl
 more round trip. Instead, as soon as the device's scores exist, the ids it expects to need (downlink/candidates.py) go up
 on the same connection as an `exact` ask about the position in flight. The step server answers a session's
 messages in order, so that answer arrives about a device step after the cloud's rows instead of a round trip
-after certification: the asks ride in the step's round trip. Used for every non-speculative step and for the
-last position of a speculative verify (the one position whose device scores are computed during the verify;
+after certification: the asks ride in the step's round trip. Used for the prefill (the first token, where the
+context shifts the scores the most: the device prefills while the open travels), every non-speculative step and
+the last position of a speculative verify (the one position whose device scores are computed during the verify;
 the others' candidates go up inside the verify itself), wherever the estimate expects an ask.
 
 Exactness is untouched: the extra ids come back exactly scored and are merged into the step's top-k as known

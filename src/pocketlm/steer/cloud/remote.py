@@ -91,7 +91,7 @@ class RemoteCloud:
             self.messages_up += 1
 
     def _sent_request(self) -> None:
-        """A step or verify went up: an ask waiting to follow it may go now."""
+        """An open, step or verify went up: an ask waiting to follow it may go now."""
         with self._sent_cv:
             self._sent_seq += 1
             self._sent_cv.notify_all()
@@ -145,6 +145,7 @@ class RemoteCloud:
     def prefill(self, prompts: list[list[int]], expand: list[int] | None = None) -> torch.Tensor:
         self._send(wire.op("open", prompts=[list(map(int, p)) for p in prompts], expand=expand,
                            max_new_tokens=self._new_tokens, **self._open_fields()))
+        self._sent_request()
         return self._scores()
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ _BY_CODE = {code: (name, dtype) for name, (code, dtype) in FORMATS.items()}
 TOPK, TOPK_CODE, MAX_TOPK = "topk", 4, 4096
 OPS = ("open", "step", "verify", "rewind", "keep", "exact", "more", "full", "close")
 MAX_VERIFY = 33  # ids per row in one verify: a chosen token and a draft of up to 32
-MAX_CANDIDATES = 256  # ids per verified position whose exact scores a top-k verify may ask for up front
+MAX_CANDIDATES = 1024  # ids per verified position whose exact scores a top-k verify may ask for up front
 OLD_MAX_CANDIDATES = 32  # what a server whose hello does not say `max_candidates` takes
 
 

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 # Asking for one id costs about 4 bytes down (its f32 logit) and ~7 up (its decimal id in the JSON list); a full
 # row costs 4 bytes per column down. Ask while that is cheaper, else fetch the row.
-# At most MAX_ASK ids in one request (~30 KB of JSON, within any step server's message limit). More than ASK_LIMIT
-# ids needed: first *deepen* the row (the cloud's next-ranked ids, DEEPEN times as many, 8 bytes each): that
-# lowers the bound for every other id, sends nothing that depends on the device, and usually leaves few to ask.
-ASK_BYTES_PER_ID, FULL_BYTES_PER_COLUMN, MAX_ASK, ASK_LIMIT, DEEPEN = 11, 4, 4096, 128, 8
+# At most MAX_ASK ids in one request (~30 KB of JSON, within any step server's message limit), and as many at once:
+# one exact ask certifies the row in one round trip, which on a WAN costs more than its bytes (45 KB at most:
+# under 20 ms at 20 Mbit/s against a 100 ms round trip; BENCHMARKS.md). More than ASK_LIMIT ids needed: first
+# *deepen* the row (the cloud's next-ranked ids, DEEPEN times as many, 8 bytes each): that lowers the bound for
+# every other id, sends nothing that depends on the device, and usually leaves few to ask.
+ASK_BYTES_PER_ID, FULL_BYTES_PER_COLUMN, MAX_ASK, ASK_LIMIT, DEEPEN = 11, 4, 4096, 4096, 8
 SAMPLING_MODES = ("exact", "truncated")
 
 
