@@ -18,10 +18,11 @@ from pocketlm.errors import DataError
 from pocketlm.eval.seeds import read_results, summarize
 
 
-def _compare(path, seed: int, ppl: dict[str, float], scenario: str = "id", protocol: str = "clean"):
+def _compare(path, seed: int, ppl: dict[str, float], scenario: str = "id", protocol: str = "clean", **schedule):
     """A compare JSON as `pocketlm compare --json` writes it (an unevaluated round first, then the final one)."""
     doc = {"scenario": scenario, "model": "m", "corpus": "fortunes:en,de",
-           "config": {"corpus": "fortunes:en,de", "scenario": scenario, "protocol": protocol, "seed": seed},
+           "config": {"corpus": "fortunes:en,de", "scenario": scenario, "protocol": protocol, "seed": seed,
+                      "router_steps": 2, "rounds": 4, **schedule},
            "strategies": {s: {"mean_ppl": v} for s, v in ppl.items()},
            "histories": {s: [{"round": 1, "train_loss": {}}, {"round": 4, "mean_ppl": v}] for s, v in ppl.items()}}
     path.write_text(json.dumps(doc))
@@ -49,6 +50,17 @@ def test_orderings_survive_only_when_they_hold_in_every_seed(tmp_path):
     assert ratio["holds_in"] == ["42", "43", "44"]
     ood = doc["fortunes:en,de ood clean"]["ratio_1g1s_to_best_of_2g_2s"]
     assert ood["per_seed"] == pytest.approx({"42": 70 / 60}) and ood["holds_in"] == [] and ood["std"] is None
+
+
+def test_a_schedule_variant_is_its_own_scenario_not_another_seed(tmp_path):
+    # `--set router_steps=8` at seed 42 beside the shipped schedule: two scenarios, neither counted twice
+    files = [_compare(tmp_path / "a.json", 42, {"1g1s": 50.0, "2g": 55.0}),
+             _compare(tmp_path / "b.json", 43, {"1g1s": 44.0, "2g": 47.0}),
+             _compare(tmp_path / "c.json", 42, {"1g1s": 49.0, "2g": 55.5}, router_steps=8)]
+    doc = summarize(read_results(files))
+    assert set(doc) == {"fortunes:en,de id clean router_steps=2", "fortunes:en,de id clean router_steps=8"}
+    assert doc["fortunes:en,de id clean router_steps=8"]["strategies"]["1g1s"]["ppl"] == {"42": 49.0}
+    assert doc["fortunes:en,de id clean router_steps=2"]["strategies"]["1g1s"]["ppl"] == {"42": 50.0, "43": 44.0}
 
 
 def test_a_run_counted_twice_and_foreign_files_are_refused(tmp_path):

@@ -40,23 +40,42 @@ def _final_ppl(history: list[dict]) -> float | None:
     return float(evaluated[-1]["mean_ppl"]) if evaluated else None
 
 
+# Training-schedule keys that tell two runs of one scenario apart (e.g. `--set router_steps=8`): where files of one
+# corpus / scenario / protocol disagree on one of them, its value joins the scenario's name, so a variant is
+# summarised beside the shipped schedule instead of being counted as another seed of it.
+SCHEDULE_KEYS = ("rounds", "local_steps", "batch_size", "seq_len", "router_every", "router_steps", "lr", "lr_min",
+                 "router_lr", "rank", "alpha", "top_k", "max_chars", "router", "lb_coef", "aggregation")
+
+
+def _load(path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"no such file: {path}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a JSON file: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("histories"), dict) or \
+            not isinstance(doc.get("config"), dict):
+        raise DataError(f"{path} is not a `pocketlm compare --json` file (no config / histories)")
+    if "seed" not in doc["config"]:
+        raise DataError(f"{path} records no seed in its config")
+    return doc
+
+
 def read_results(paths: list[Path]) -> list[SeedResult]:
     """Every strategy's final perplexity from each compare JSON (clear errors for unreadable or foreign files)."""
-    out: list[SeedResult] = []
-    for path in paths:
-        try:
-            doc = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise DataError(f"no such file: {path}") from None
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path} is not a JSON file: {e}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("histories"), dict) or \
-                not isinstance(doc.get("config"), dict):
-            raise DataError(f"{path} is not a `pocketlm compare --json` file (no config / histories)")
+    docs = [(path, _load(path)) for path in paths]
+    bases: dict[str, list[dict]] = {}
+    for _, doc in docs:
         cfg = doc["config"]
-        if "seed" not in cfg:
-            raise DataError(f"{path} records no seed in its config")
-        scenario = f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}"
+        bases.setdefault(f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}", []).append(cfg)
+    varies = {base: [k for k in SCHEDULE_KEYS if all(k in c for c in cfgs) and len({repr(c[k]) for c in cfgs}) > 1]
+              for base, cfgs in bases.items()}
+    out: list[SeedResult] = []
+    for path, doc in docs:
+        cfg = doc["config"]
+        base = f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}"
+        scenario = " ".join([base] + [f"{k}={cfg[k]}" for k in varies[base]])
         for strategy, history in doc["histories"].items():
             ppl = _final_ppl(history) if isinstance(history, list) else None
             if ppl is not None and math.isfinite(ppl):
