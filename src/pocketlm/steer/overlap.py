@@ -83,12 +83,15 @@ class Overlap:
             with torch.cuda.stream(self._side_stream):
                 return self.measure(op, ids)
 
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
+        return self._pool
+
     def alongside(self, cloud_call, work):
         """`cloud_call()` in the worker and `work(future)` here meanwhile; returns (its result, work's result). For
         a cloud behind a network (a remote prefill: no CUDA stream to order), whose call is mostly a round trip."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
-        fut = self._pool.submit(self._cloud_in_worker, lambda _: cloud_call(), None)
+        fut = self._worker().submit(self._cloud_in_worker, lambda _: cloud_call(), None)
         try:
             out = work(fut)
         finally:
@@ -99,8 +102,6 @@ class Overlap:
     def beside(self, cloud, cloud_ids: torch.Tensor, work, cloud_op: str = "step", **cloud_kw):
         """Run the cloud's `cloud_op` (with `cloud_kw`) in the worker and `work(future)` here meanwhile (it may
         poll `future.done()` to stop in time); returns (cloud result, work's result)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocketlm-cloud")
         main = None
         if cloud_ids.device.type == "cuda":
             if self._side_stream is None:
@@ -109,7 +110,8 @@ class Overlap:
             self._side_stream.wait_stream(main)
             cloud_ids.record_stream(self._side_stream)
         op = getattr(cloud, cloud_op)
-        fut = self._pool.submit(self._cloud_in_worker, functools.partial(op, **cloud_kw) if cloud_kw else op, cloud_ids)
+        fut = self._worker().submit(self._cloud_in_worker, functools.partial(op, **cloud_kw) if cloud_kw else op,
+                                    cloud_ids)
         try:
             dev = work(fut)
         finally:
