@@ -169,8 +169,12 @@ def plot_seeds(doc: dict, path: str | Path) -> Path:
 
     plt = _plt()
     names = list(doc)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-    for ax, scenario in zip(axes[0], names, strict=True):
+    cols = min(4, len(names))  # a grid of at most four panels per row stays readable
+    n_rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, scenario in zip(axes.flat, names, strict=False):  # trailing panels are hidden
         rows = doc[scenario]["strategies"]
         order = sorted((n for n in rows if n != "pretrained"), key=lambda n: rows[n]["mean"])  # trained only
         seeds = sorted({k for n in order for k in rows[n]["ppl"]})
