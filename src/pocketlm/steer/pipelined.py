@@ -17,6 +17,8 @@ ids; what they miss is asked for as before. What goes up is what `candidates` al
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .cloud_step import CloudStep
@@ -59,6 +61,7 @@ class PipelinedAsks:
         self.on = (cloud is not None and hasattr(cloud, "ask_ahead") and getattr(cloud, "verify_candidates", 0) > 0
                    and sampling.temperature == 0 and engine.overlap)
         self._sent: list[list[int]] | None = None
+        self.sent_at: float | None = None  # perf_counter() when the ask in flight went up (None: none is)
 
     def mark(self) -> int | None:
         """The cloud's count of requests sent so far (the ask waits until the next one has gone up)."""
@@ -78,7 +81,7 @@ class PipelinedAsks:
         if rows is not None:
             ids = [i if keep else [] for i, keep in zip(ids, rows, strict=True)]
         if any(ids) and self.cloud.ask_ahead(ids, after=after, position=position):
-            self._sent = ids
+            self._sent, self.sent_at = ids, time.perf_counter()
         return dev
 
     def merge(self, top):
@@ -86,7 +89,7 @@ class PipelinedAsks:
         answer is read; `top` unchanged when nothing was sent."""
         if self._sent is None:
             return top
-        ids, self._sent = self._sent, None
+        ids, self._sent, self.sent_at = self._sent, None, None
         scores = self.cloud.collect_ahead()
         stats = self.plan.downlink
         stats.ahead_requests += 1

@@ -222,13 +222,18 @@ class SpeculativeRound:
                                  clock.calls.get("device", 0))
         t_sent = time.perf_counter()
         est = self._estimates
+        asks = self._asks(cloud)
 
         def stop(fut) -> bool:
-            if fut.done():
-                return True
+            # an ask in flight (sent a device step after the verify) answers about that much after it: the device
+            # keeps drafting until then instead of idling while the answer trails the rows
+            ask_at = asks.sent_at
             if "verify" not in est or "step" not in est:
-                return False
-            return time.perf_counter() - t_sent + est["step"] > est["verify"]
+                return fut.done()
+            due = t_sent + est["verify"] if ask_at is None else max(t_sent, ask_at) + est["verify"]
+            if fut.done() and ask_at is None:
+                return True
+            return time.perf_counter() + est["step"] > due
 
         out = clock.beside(cloud, cloud_ids, lambda fut: work(lambda: stop(fut)), "extend", **cloud_kw)
         steps = clock.calls.get("device", 0) - dev_n
