@@ -84,7 +84,7 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
         if out.stats.speculation:
             spec_stats.append(out.stats.speculation)
         if out.stats.downlink:
-            downlink.add({k: out.stats.downlink[k] for k in downlink.__dataclass_fields__})
+            downlink.add(out.stats.downlink)  # reads its own fields, skips the derived share
     counts = proxy.counts()
     drafted = sum(s["drafted"] for s in spec_stats)
     ahead_rounds = sum(s.get("ahead_rounds", 0) for s in spec_stats)

@@ -62,19 +62,22 @@ def _load(path) -> dict:
     return doc
 
 
+def _base(cfg: dict) -> str:
+    return f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}"
+
+
 def read_results(paths: list[Path]) -> list[SeedResult]:
     """Every strategy's final perplexity from each compare JSON (clear errors for unreadable or foreign files)."""
     docs = [(path, _load(path)) for path in paths]
     bases: dict[str, list[dict]] = {}
     for _, doc in docs:
-        cfg = doc["config"]
-        bases.setdefault(f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}", []).append(cfg)
+        bases.setdefault(_base(doc["config"]), []).append(doc["config"])
     varies = {base: [k for k in SCHEDULE_KEYS if all(k in c for c in cfgs) and len({repr(c[k]) for c in cfgs}) > 1]
               for base, cfgs in bases.items()}
     out: list[SeedResult] = []
     for path, doc in docs:
         cfg = doc["config"]
-        base = f"{cfg.get('corpus')} {cfg.get('scenario')} {cfg.get('protocol', 'clean')}"
+        base = _base(cfg)
         scenario = " ".join([base] + [f"{k}={cfg[k]}" for k in varies[base]])
         for strategy, history in doc["histories"].items():
             ppl = _final_ppl(history) if isinstance(history, list) else None
@@ -170,7 +173,7 @@ def plot_seeds(doc: dict, path: str | Path) -> Path:
     plt = _plt()
     names = list(doc)
     cols = min(4, len(names))  # a grid of at most four panels per row stays readable
-    n_rows = -(-len(names) // cols)
+    n_rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.4 * n_rows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)

@@ -230,7 +230,7 @@ class SpeculativeRound:
             ask_at = asks.sent_at
             if "verify" not in est or "step" not in est:
                 return fut.done()
-            due = t_sent + est["verify"] if ask_at is None else max(t_sent, ask_at) + est["verify"]
+            due = (t_sent if ask_at is None else ask_at) + est["verify"]  # the ask leaves after the verify
             if fut.done() and ask_at is None:
                 return True
             return time.perf_counter() + est["step"] > due
