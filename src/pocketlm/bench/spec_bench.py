@@ -96,6 +96,8 @@ def _decode(engine, proxy, reqs, method: str, tokens: int) -> dict:
             "acceptance": (sum(s["accepted"] for s in spec_stats) / drafted) if drafted else None,
             "drafted_per_round": drafted / rounds if rounds else 0.0,
             "ahead_hit_rate": (sum(s["ahead_hits"] for s in spec_stats) / ahead_rounds) if ahead_rounds else None,
+            "deferred": sum(s.get("deferred", 0) for s in spec_stats),  # bonus positions left to the next round
+            "deferred_hits": sum(s.get("deferred_hits", 0) for s in spec_stats),
             "bytes_up_per_token": counts["bytes_up"] / made if made else None,
             "bytes_down_per_token": counts["bytes_down"] / made if made else None,
             "messages_up": counts["messages_up"],

@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect
 from ..steer.cloud.in_process import eos_ids
 from ..steer.cloud.wire import (
     FORMATS,
+    LAST_AFTER_REWIND,
     MAX_CANDIDATES,
     MAX_TOPK,
     MAX_VERIFY,
@@ -89,7 +90,9 @@ class SteerServer:
                       "tokenizer": tokenizer_fingerprint(tokenizer), "formats": [*FORMATS, TOPK],
                       "limits": {"max_rows": limits.max_rows, "max_prompt_tokens": limits.max_prompt_tokens,
                                  "max_new_tokens": limits.max_new_tokens, "ttl_s": limits.ttl_s,
-                                 "max_candidates": MAX_CANDIDATES}}
+                                 "max_candidates": MAX_CANDIDATES},
+                      # a rewind after a verify makes the newest kept row the one asks without a position read
+                      "features": [LAST_AFTER_REWIND]}
         self._ids = itertools.count(1)
         self.connections = 0
         self.errors: dict[int, int] = {}

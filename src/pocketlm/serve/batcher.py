@@ -253,6 +253,13 @@ class Batcher:
         except PocketLMError as e:
             raise ServeError(400, f"rewind: {e}") from None
         s.used = [u - d for u, d in zip(s.used, drop, strict=True)]
+        if s.verified is not None and s.last is not None:
+            # `last` becomes each row's newest kept row, so an ask without a position after the next verify is
+            # about the row before that verify's ids (a bonus position decided a round later: speculative.py)
+            t = s.verified.shape[1]
+            for i, d in enumerate(drop):
+                if d < t:
+                    s.last[i] = s.verified[i, t - 1 - d]
 
     def _rows_of_last(self, w: Work) -> torch.Tensor:
         """The scores `exact` / `more` / `full` read: the last step's, or position j of the last verify."""

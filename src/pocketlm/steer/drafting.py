@@ -85,7 +85,13 @@ class Drafting:
             q_full[pos.to(q.device)] = q
         self.q_seq.append(q_full)
         tok = choice.tokens.cpu()
-        ok = torch.tensor([i not in choice.blocked for i in range(pos.numel())], dtype=torch.bool)
+        self.put(pos, tok, torch.tensor([i not in choice.blocked for i in range(pos.numel())], dtype=torch.bool))
+
+    def put(self, pos: torch.Tensor, tok: torch.Tensor, ok: torch.Tensor) -> None:
+        """Record column j: token `tok[i]` for the row at position `pos[i]` where `ok[i]` (else that row stops)."""
+        rnd, j, n = self.rnd, self.j, self.lengths.numel()
+        if len(self.q_seq) == j:  # a column chosen outside `choose` (greedy: no draft distribution)
+            self.q_seq.append(None)
         self.drafts[pos[ok], j] = tok[ok]
         self.lengths[pos[ok]] += 1
         still = ok & ~rnd.is_eos(tok) & (self.lengths[pos] < self.budget[pos])
@@ -125,6 +131,20 @@ class Ahead:
         """The drafting as the next round's own: its history is recorded now, so the prefix goes."""
         self.drafting.prefix = None
         return self.drafting
+
+    def behind(self, dev_last: DeviceScores) -> Drafting:
+        """The drafting as the next round's own when that round decides the bonus position itself (speculative.py,
+        a pending round): the guess becomes draft column 0, scored by the device as `dev_last`, to be verified."""
+        d = self.drafting
+        d.prefix = None
+        d.dev_seq = [dev_last] + d.dev_seq
+        d.q_seq = [None] + d.q_seq
+        d.drafts = torch.cat([self.guess.view(-1, 1).to(d.drafts.dtype), d.drafts], dim=1)
+        d.lengths = d.lengths + 1
+        d.budget = d.budget + 1
+        d.k += 1
+        d.j += 1
+        return d
 
 
 def draft_ahead(rnd, device, last: torch.Tensor, drafts: torch.Tensor, budget: torch.Tensor, stop, then=None):

@@ -72,17 +72,25 @@ class PipelinedAsks:
         `dev`, so it can wrap the device step."""
         if not self.on or after is None or dev is None:
             return dev
-        # only where certification is expected to ask (no floor of ids, unlike a verify's candidates): an ask in
-        # flight delays the step by the time its answer trails the rows, so a step expected to certify sends none
-        most = max(1, getattr(self.cloud, "max_verify_candidates", self.cloud.verify_candidates))
-        ids = position_candidates(self.e, self.plan, dev, 0, most, getattr(self.cloud, "k", 1))
+        ids = self.expected(dev)
         if ids is None:
             return dev
         if rows is not None:
             ids = [i if keep else [] for i, keep in zip(ids, rows, strict=True)]
         if any(ids) and self.cloud.ask_ahead(ids, after=after, position=position):
-            self._sent, self.sent_at = ids, time.perf_counter()
+            self.riding(ids)
         return dev
+
+    def expected(self, dev) -> list[list[int]] | None:
+        """Per live row, the ids certification is expected to ask about at the position whose device scores are
+        `dev`: only where it is expected to ask at all (no floor of ids, unlike a verify's candidates), since an
+        ask in flight delays the step by the time its answer trails the rows."""
+        most = max(1, getattr(self.cloud, "max_verify_candidates", self.cloud.verify_candidates))
+        return position_candidates(self.e, self.plan, dev, 0, most, getattr(self.cloud, "k", 1))
+
+    def riding(self, ids: list[list[int]]) -> None:
+        """An ask about these ids went up (here or inside the cloud's request): `merge` reads its answer."""
+        self._sent, self.sent_at = ids, time.perf_counter()
 
     def merge(self, top):
         """`top` (this position's `TopKLogits`) with the asked ids appended as exactly scored ones, once their

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
+from .deferred import Pending, may_defer, pending_choice
 from .drafting import Ahead, Drafting, draft_ahead, rows_of
 from .pipelined import PipelinedAsks, position_candidates
 from .plan import Choice, DecodePlan
@@ -81,10 +82,13 @@ class SpeculativeRound:
         # rounds = cloud calls after the prefill; row_round_trips: per row, every cloud call it waited for, the
         # prefill included (a batched call serves every live row); tokens: filled in at the end
         self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "row_round_trips": len(plan.gens), "tokens": 0,
-                      "ahead_rounds": 0, "ahead_hits": 0, "ahead_drafted": 0}
+                      "ahead_rounds": 0, "ahead_hits": 0, "ahead_drafted": 0, "deferred": 0, "deferred_hits": 0}
         self._carry: Ahead | None = None  # the next round's draft, written during the last verify
         self._estimates: dict[str, float] = {}  # running means (s) of a verify and of a device step
         self._pipelined: PipelinedAsks | None = None  # asks sent while their verify is in flight
+        self._pending: Pending | None = None  # a bonus position left to the next round (deferred.py)
+        self._last_asks = False  # does the device expect the verify's last position to need asks?
+        self._guessed: torch.Tensor | None = None  # a pending round's drafted token for its first position
         for g in plan.gens:
             g.round_trips = 1  # the prefill
 
@@ -126,12 +130,20 @@ class SpeculativeRound:
     def round(self, z: torch.Tensor | None, cloud, device, prefilled=None):
         """Consume z, draft, verify, record; returns (next z per live row, finished `[B]`). The first round has
         no z: it drafts from the prefill's scores (`prefilled` = (cloud answer, device scores)), so the first
-        token is drafted and verified like every other (SpecSteer drafts from the start)."""
+        token is drafted and verified like every other (SpecSteer drafts from the start). A round after one that
+        left its bonus position undecided (deferred.py) starts the same way from that position, z unused."""
         e, plan, n = self.e, self.plan, self.plan.live.numel()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            prefilled = (pending.answer, pending.dev)
         emitted = torch.tensor([len(plan.gens[r].token_ids) for r in plan.live.tolist()], dtype=torch.long)
-        budget = torch.minimum(self.k_of[plan.live], (self.max_new - emitted - 1).clamp_min(0))
+        # a pending round drafts its first position's token on top of K: as many ids as a round behind a decided z
+        budget = torch.minimum(self.k_of[plan.live] + (pending is not None),
+                               (self.max_new - emitted - 1).clamp_min(0))
         no_drafts = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
         if int(budget.max()) == 0:  # nobody drafts: one ordinary step
+            if pending is not None and pending.ahead is not None:
+                device.rewind(torch.full((n,), pending.ahead.drafting.stepped).to(self.dev_device))
             if prefilled is not None:
                 return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
             asks = self._asks(cloud)
@@ -142,7 +154,10 @@ class SpeculativeRound:
             self._called()
             return self._verify([cl], [dev], *no_drafts, cloud, device, offset=1)
         carry, self._carry = self._carry, None
-        if carry is not None:  # this round's draft was begun during the last verify, behind z (stepped already)
+        ask_first: list[list[int]] | None = None
+        if pending is not None:
+            d, ask_first = self._pending_draft(pending, budget, device)
+        elif carry is not None:  # this round's draft was begun during the last verify, behind z (stepped already)
             d = carry.resumed().run(device)
         else:
             last_real = z.cpu().clone() if z is not None else torch.zeros(n, dtype=torch.long)
@@ -162,25 +177,56 @@ class SpeculativeRound:
         kw = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
         ahead = None
         # the last verified position's device scores are made during the verify: its asks follow it on the wire
-        # (rows that drafted fewer decide an earlier position, whose asks went up with the verify)
+        # (rows that drafted fewer decide an earlier position, whose asks went up with the verify), or, where the
+        # position may be left to the next round, whether it expects asks is noted (deferred.py)
         asks, full = self._asks(cloud), [int(length) == k_used for length in lengths.tolist()]
+        defer = may_defer(self, cloud)
+        self._last_asks = False
+        if ask_first is not None and any(ask_first):
+            kw["ask_before"] = ask_first
+            asks.riding(ask_first)
         mark = asks.mark()
 
         def then(d):
+            if defer:
+                self._last_asks = any(asks.expected(d) or [])
+                return d
             return asks.send(d, mark, full, position=cloud_ids.shape[1] - 1)
         if nxt is not None:
             cl, (dev_last, ahead) = self._verify_beside(cloud, cloud_ids, lambda stop: draft_ahead(
                 self, device, last, drafts, nxt, stop, then), kw)
         else:
             cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", then=then, **kw)
-        cl[-1] = asks.merge(cl[-1])
+        first = prefilled[0] if prefilled is not None else None
+        if ask_first is not None and any(ask_first):
+            first = asks.merge(first)
+        else:
+            cl[-1] = asks.merge(cl[-1])
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
             plan.gens[r].drafted_tokens += int(lengths[p])
-        answers = cl if prefilled is None else [prefilled[0]] + cl
+        answers = cl if prefilled is None else [first] + cl
         return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
-                            offset=0 if prefilled is None else 1, ahead=ahead)
+                            offset=0 if prefilled is None else 1, ahead=ahead, defer=defer and self._last_asks)
+
+    def _pending_draft(self, pending: Pending, budget: torch.Tensor, device) -> tuple[Drafting, list[list[int]]]:
+        """The draft of a round that starts at an undecided bonus position: its token is the best known id of
+        the real cloud row there (deferred.py); a draft written behind the same guess during the last verify is
+        resumed, any other is rewound. Also returns the ids to ask about there, behind the verify."""
+        n = self.plan.live.numel()
+        tok, ok, ask_ids = pending_choice(self, pending)
+        self.stats["deferred"] += 1
+        self._guessed = torch.where(ok, tok, torch.full_like(tok, -1))
+        a = pending.ahead
+        if a is not None and bool(ok.all()) and torch.equal(tok, a.guess.cpu()):
+            self.stats["ahead_hits"] += 1
+            return a.behind(pending.dev).run(device), ask_ids
+        if a is not None:
+            device.rewind(torch.full((n,), a.drafting.stepped).to(self.dev_device))
+        d = Drafting(self, pending.dev, budget, torch.zeros(n, dtype=torch.long))
+        d.put(torch.arange(n), tok, ok)
+        return d.run(device), ask_ids
 
     def _asks(self, cloud) -> PipelinedAsks:
         if self._pipelined is None:
@@ -261,9 +307,11 @@ class SpeculativeRound:
         for r in self.plan.live.tolist():
             self.plan.gens[r].round_trips += 1
 
-    def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int, ahead: Ahead | None = None):
+    def _verify(self, answers, devs, drafts, lengths, q_seq, cloud, device, offset: int, ahead: Ahead | None = None,
+                defer: bool = False):
         """Decide positions 0..K' in order (`answers[j]`: the cloud after the j-th kept token; answers before
-        `offset` are the current step's, the rest come from the verify, position j - offset)."""
+        `offset` are the current step's, the rest come from the verify, position j - offset). `defer`: a row that
+        accepts its whole draft leaves the last position to the next round (deferred.py; one live row)."""
         e, plan, n = self.e, self.plan, self.plan.live.numel()
         k_used = drafts.shape[1]
         undecided = torch.ones(n, dtype=torch.bool)
@@ -275,12 +323,18 @@ class SpeculativeRound:
             pos = undecided.nonzero().flatten()
             if pos.numel() == 0:
                 break
+            if defer and j == k_used and k_used > 0:
+                self._pending = Pending(answers[j], devs[j])
+                break
             source = cloud.at(j - offset, pos) if e.partial and j >= offset else cloud
             t0 = time.perf_counter()  # the accepted drafts before j are recorded already: the guards see them
             step, view, fused, choice = self.decide(answers[j], devs[j], pos, source)
             tokens = self._accept(choice, view, fused, drafts, lengths, q_seq, pos, j)
             e.clock.add("fusion", time.perf_counter() - t0)
             done = self.record(step, tokens, choice.blocked, fused.steered, plan.live[pos])
+            if j == 0 and self._guessed is not None:  # was the pending position's drafted token its choice?
+                self.stats["deferred_hits"] += int((tokens.cpu() == self._guessed[pos]).sum())
+                self._guessed = None
             for i, p in enumerate(pos.tolist()):
                 hit = j < int(lengths[p]) and int(tokens[i]) == int(drafts[p, j])
                 if bool(done[i]):
@@ -308,6 +362,9 @@ class SpeculativeRound:
             return 0
         self.stats["ahead_rounds"] += 1
         self.stats["ahead_drafted"] += int(ahead.drafting.lengths.sum())
+        if self._pending is not None:  # the bonus position is undecided: the next round compares its own guess
+            self._pending.ahead = ahead
+            return 0
         if ahead.hits(z, accepted, lengths, finished):
             self.stats["ahead_hits"] += 1
             self._carry = ahead

@@ -153,13 +153,19 @@ class RemoteCloud:
         self._sent_request()
         return self._scores()
 
-    def extend(self, token_ids: torch.Tensor, candidates: list | None = None) -> list:
+    def extend(self, token_ids: torch.Tensor, candidates: list | None = None,
+               ask_before: list[list[int]] | None = None) -> list:
         """One `verify` round trip: T ids per live row up, T score rows per live row down (every format).
-        `candidates` (top-k only): per row and position, ids whose exact scores should come with the rows."""
+        `candidates` (top-k only): per row and position, ids whose exact scores should come with the rows;
+        `ask_before` (top-k only): per row, ids asked about the row *before* the verify's ids (a bonus position
+        decided a round later, speculative.py): the ask goes up right behind the verify, `collect_ahead` reads it."""
         b, t = token_ids.shape
         extra = {} if candidates is None else {"candidates": candidates}
         self._send(wire.op("verify", ids=token_ids.tolist(), **extra))
         self._sent_request()
+        if ask_before is not None and any(ask_before):
+            if not self.ask_ahead(ask_before, after=self.sent_count() - 1):
+                raise RemoteCloudError("internal: an ask about the row before a verify could not be sent")
         scores = self._scores()
         index = torch.arange(b) * t
         return [scores[index + j] for j in range(t)]
@@ -209,6 +215,9 @@ class RemoteTopK(Truncating, RemoteCloud):
         self.verify_candidates = VERIFY_CANDIDATES if ask else 0
         limit = self.info.get("limits", {}).get("max_candidates", wire.OLD_MAX_CANDIDATES)
         self.max_verify_candidates = min(wire.MAX_CANDIDATES, int(limit)) if ask else 0
+        # the server's `last` follows a rewind: a verify's bonus position may be decided a round later, its asks
+        # riding behind the next verify (speculative.py, `SpeculativeRound._pending_round`)
+        self.defers_bonus = ask and wire.LAST_AFTER_REWIND in self.info.get("features", [])
 
     def _open_fields(self) -> dict:
         return {"format": wire.TOPK, "topk": self.k, "columns": self.columns}

@@ -53,6 +53,8 @@ OPS = ("open", "step", "verify", "rewind", "keep", "exact", "more", "full", "clo
 MAX_VERIFY = 33  # ids per row in one verify: a chosen token and a draft of up to 32
 MAX_CANDIDATES = 1024  # ids per verified position whose exact scores a top-k verify may ask for up front
 OLD_MAX_CANDIDATES = 32  # what a server whose hello does not say `max_candidates` takes
+# hello `features`: after a rewind that follows a verify, asks without a position read each row's newest kept row
+LAST_AFTER_REWIND = "last_after_rewind"
 
 
 class RemoteCloudError(PocketLMError):
