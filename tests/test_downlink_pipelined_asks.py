@@ -97,3 +97,29 @@ def test_the_first_tokens_asks_ride_with_the_open(serve_pair, monkeypatch, specu
     assert outs[False].stats.downlink["exact_requests"] + outs[False].stats.downlink["deepened"] > 0
     assert outs[True].stats.downlink["ahead_requests"] == 1
     assert outs[True].stats.downlink["exact_requests"] + outs[True].stats.downlink["deepened"] == 0
+
+
+def test_asks_too_wide_for_the_verify_ride_behind_it(serve_pair, monkeypatch):
+    """A drafted position whose expected asks exceed the verify's per-position candidates goes up as an `exact`
+    about that position right behind the verify (the frame keeps one width for all positions): the tokens stay the
+    in-process f32 cloud's, and fewer asks are left to certification than with the ids squeezed into the frame."""
+    cloud, device, tok = serve_pair
+    ms = parse_methods("closed_form@2,plausible@2,closed_form@4")
+    reqs = [SteerRequest.with_context(QUERIES[i % 3], SECRET) for i in range(len(ms))]
+    ref = SteerEngine(HFCloudBackend(cloud, tok), tok, device, tok).generate(reqs, ms, max_new_tokens=20)
+    outs = {}
+    for behind in (False, True):
+        with monkeypatch.context() as mp:
+            if not behind:  # the asks can only ride in the frame (an ask too wide is cut to the frame's width)
+                mp.setattr("pocketlm.steer.speculative.MAX_ASK", 4)
+            with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
+                rc.verify_candidates, rc.max_verify_candidates = 1, 4  # a narrow frame
+                engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(3))
+                outs[behind] = engine.generate(reqs, ms, max_new_tokens=20)
+                engine.close()
+    for out in outs.values():
+        assert [g.token_ids for g in out] == [g.token_ids for g in ref]
+    squeezed, riding = outs[False].stats.downlink, outs[True].stats.downlink
+    assert riding["ahead_requests"] > squeezed["ahead_requests"]
+    assert riding["exact_requests"] + riding["deepened"] < squeezed["exact_requests"] + squeezed["deepened"]
+    assert riding["uncertified"] == 0

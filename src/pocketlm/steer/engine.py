@@ -29,6 +29,7 @@ from ..errors import PocketLMError
 from ..models.vocab import head_rows
 from .cloud.in_process import eos_ids
 from .cloud_step import CloudStep
+from .deferred import Pending, may_defer
 from .fusion.formulas import log_policy
 from .fusion.methods import NO_CONTEXT_SIGNALS, REFERENCE_MODE, Method
 from .fusion.rules import StepView
@@ -216,12 +217,20 @@ class SteerEngine:
                      ignore_eos: bool) -> Generations:
         """Rounds of draft -> verify -> accept (speculative.py); the first token comes from the prefill's scores."""
         cloud, device = self.cloud, self._device_streams_for_run()
-        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts),
-                                PipelinedAsks(self, plan, cloud, sampling))
         rnd = SpeculativeRound(self, plan, self.speculation, sampling, gen, drafts, on_token, ignore_eos,
                                max_new_tokens)
+        # where a bonus position may be decided a round later (deferred.py), so may the first: its asks then ride
+        # behind the first verify instead of following the open (which costs a round trip when the device's
+        # prefill, with the context, takes longer than the cloud's)
+        first_later = may_defer(rnd, cloud)
+        cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts),
+                                None if first_later else PipelinedAsks(self, plan, cloud, sampling))
         t_decode = self.clock.start_decode()
-        z, finished = rnd.round(None, cloud, device, prefilled=(cl, dev))
+        if first_later:
+            rnd.pending = Pending(cl, dev)
+            z, finished = rnd.round(None, cloud, device)
+        else:
+            z, finished = rnd.round(None, cloud, device, prefilled=(cl, dev))
         while True:
             full = torch.tensor([len(plan.gens[r].token_ids) >= max_new_tokens for r in plan.live.tolist()])
             keep = (~(finished | full)).nonzero().flatten()

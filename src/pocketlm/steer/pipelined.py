@@ -60,8 +60,8 @@ class PipelinedAsks:
         self.e, self.plan, self.cloud = engine, plan, cloud
         self.on = (cloud is not None and hasattr(cloud, "ask_ahead") and getattr(cloud, "verify_candidates", 0) > 0
                    and sampling.temperature == 0 and engine.overlap)
-        self._sent: list[list[int]] | None = None
-        self.sent_at: float | None = None  # perf_counter() when the ask in flight went up (None: none is)
+        self._sent: list[list[list[int]]] = []  # the asks in flight, oldest first (answers come in this order)
+        self.sent_at: float | None = None  # perf_counter() when the newest ask in flight went up (None: none is)
 
     def mark(self) -> int | None:
         """The cloud's count of requests sent so far (the ask waits until the next one has gone up)."""
@@ -89,15 +89,19 @@ class PipelinedAsks:
         return position_candidates(self.e, self.plan, dev, 0, most, getattr(self.cloud, "k", 1))
 
     def riding(self, ids: list[list[int]]) -> None:
-        """An ask about these ids went up (here or inside the cloud's request): `merge` reads its answer."""
-        self._sent, self.sent_at = ids, time.perf_counter()
+        """An ask about these ids went up (here, or behind the cloud's request): `merge` reads the answers in the
+        order the asks went up."""
+        self._sent.append(ids)
+        self.sent_at = time.perf_counter()
 
     def merge(self, top):
-        """`top` (this position's `TopKLogits`) with the asked ids appended as exactly scored ones, once their
-        answer is read; `top` unchanged when nothing was sent."""
-        if self._sent is None:
+        """`top` (the position's `TopKLogits` that the oldest ask in flight is about) with the asked ids appended
+        as exactly scored ones, once their answer is read; `top` unchanged when nothing was sent."""
+        if not self._sent:
             return top
-        ids, self._sent, self.sent_at = self._sent, None, None
+        ids = self._sent.pop(0)
+        if not self._sent:
+            self.sent_at = None
         scores = self.cloud.collect_ahead()
         stats = self.plan.downlink
         stats.ahead_requests += 1

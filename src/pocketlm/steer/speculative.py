@@ -31,6 +31,7 @@ import torch
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
 from .deferred import Pending, may_defer, pending_choice
+from .downlink.certify import MAX_ASK
 from .drafting import Ahead, Drafting, draft_ahead, rows_of
 from .pipelined import PipelinedAsks, position_candidates
 from .plan import Choice, DecodePlan
@@ -86,7 +87,7 @@ class SpeculativeRound:
         self._carry: Ahead | None = None  # the next round's draft, written during the last verify
         self._estimates: dict[str, float] = {}  # running means (s) of a verify and of a device step
         self._pipelined: PipelinedAsks | None = None  # asks sent while their verify is in flight
-        self._pending: Pending | None = None  # a bonus position left to the next round (deferred.py)
+        self.pending: Pending | None = None  # a bonus position left to the next round (deferred.py)
         self._last_asks = False  # does the device expect the verify's last position to need asks?
         self._guessed: torch.Tensor | None = None  # a pending round's drafted token for its first position
         for g in plan.gens:
@@ -133,7 +134,7 @@ class SpeculativeRound:
         token is drafted and verified like every other (SpecSteer drafts from the start). A round after one that
         left its bonus position undecided (deferred.py) starts the same way from that position, z unused."""
         e, plan, n = self.e, self.plan, self.plan.live.numel()
-        pending, self._pending = self._pending, None
+        pending, self.pending = self.pending, None
         if pending is not None:
             prefilled = (pending.answer, pending.dev)
         emitted = torch.tensor([len(plan.gens[r].token_ids) for r in plan.live.tolist()], dtype=torch.long)
@@ -174,7 +175,7 @@ class SpeculativeRound:
         last = e.align.to_device(ids[:, -1]).to(self.dev_device)
         cloud_ids = e.align.to_cloud(ids)
         nxt = self._ahead_budget(emitted, lengths, k_used)
-        kw = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
+        kw, behind = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
         ahead = None
         # the last verified position's device scores are made during the verify: its asks follow it on the wire
         # (rows that drafted fewer decide an earlier position, whose asks went up with the verify), or, where the
@@ -183,8 +184,11 @@ class SpeculativeRound:
         defer = may_defer(self, cloud)
         self._last_asks = False
         if ask_first is not None and any(ask_first):
-            kw["ask_before"] = ask_first
-            asks.riding(ask_first)
+            behind.insert(0, (None, ask_first))
+        for _, ids_ in behind:  # they go up right behind the verify, in this order
+            asks.riding(ids_)
+        if behind:
+            kw["behind"] = behind
         mark = asks.mark()
 
         def then(d):
@@ -198,10 +202,12 @@ class SpeculativeRound:
         else:
             cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", then=then, **kw)
         first = prefilled[0] if prefilled is not None else None
-        if ask_first is not None and any(ask_first):
-            first = asks.merge(first)
-        else:
-            cl[-1] = asks.merge(cl[-1])
+        for position, _ in behind:
+            if position is None:
+                first = asks.merge(first)
+            else:
+                cl[position] = asks.merge(cl[position])
+        cl[-1] = asks.merge(cl[-1])  # the last position's ask in flight, if one went up
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
@@ -233,20 +239,25 @@ class SpeculativeRound:
             self._pipelined = PipelinedAsks(self.e, self.plan, cloud, self.sampling)
         return self._pipelined
 
-    def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int) -> dict:
+    def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int):
         """For a top-k cloud that takes them (`verify_candidates` = the least per position): per row and verified
         position, the ids its certification is expected to ask about (downlink/candidates.py: as many ids of
-        largest delta as the device's stand-in for the cloud says will reach the best, at least the least, at most
-        `max_verify_candidates`), so that those asks ride in the verify's round trip. Only rows whose rule uses the
-        context, only positions the row decides (verified position i decides draft index i + offset) and whose
-        device scores exist before the verify leaves (not the last one, stepped meanwhile: its asks follow the
-        verify on the wire, `PipelinedAsks`)."""
+        largest delta as the device's stand-in for the cloud says will reach the best, at least the least), so that
+        those asks ride in the verify's round trip. Only rows whose rule uses the context, only positions the row
+        decides (verified position i decides draft index i + offset) and whose device scores exist before the
+        verify leaves (not the last one, stepped meanwhile: its asks follow the verify on the wire,
+        `PipelinedAsks`). Returns (the verify's keywords, asks to send right behind it): a position whose ids
+        exceed the verify's `max_verify_candidates` would widen every position of the frame to its count (one
+        width for all), so where the cloud takes asks behind a verify its ids (up to MAX_ASK) go up as an `exact`
+        about that position instead, answered right after the rows."""
         least = getattr(cloud, "verify_candidates", 0)
         if not least:
-            return {}
+            return {}, []
         n = self.plan.live.numel()
-        most = max(least, getattr(cloud, "max_verify_candidates", least))
+        inline = max(least, getattr(cloud, "max_verify_candidates", least))
+        most = MAX_ASK if self._asks(cloud).on else inline
         out = [[[] for _ in range(positions)] for _ in range(n)]
+        behind: list[tuple[int, list[list[int]]]] = []
         for i in range(positions):
             j = i + offset
             if j >= len(dev_seq):
@@ -254,10 +265,16 @@ class SpeculativeRound:
             ids = position_candidates(self.e, self.plan, dev_seq[j], least, most, getattr(cloud, "k", least))
             if ids is None:
                 continue
+            extra = [[] for _ in range(n)]
             for p in range(n):
                 if j <= int(lengths[p]):
-                    out[p][i] = ids[p]
-        return {"candidates": out} if any(c for row in out for c in row) else {}
+                    if len(ids[p]) > inline:
+                        extra[p] = ids[p]
+                    else:
+                        out[p][i] = ids[p]
+            if any(extra):
+                behind.append((i, extra))
+        return ({"candidates": out} if any(c for row in out for c in row) else {}), behind
 
     def _verify_beside(self, cloud, cloud_ids, work, cloud_kw: dict):
         """The verify in the worker and `work(stop)` here: `stop()` says not to start another device step, because
@@ -324,7 +341,7 @@ class SpeculativeRound:
             if pos.numel() == 0:
                 break
             if defer and j == k_used and k_used > 0:
-                self._pending = Pending(answers[j], devs[j])
+                self.pending = Pending(answers[j], devs[j])
                 break
             source = cloud.at(j - offset, pos) if e.partial and j >= offset else cloud
             t0 = time.perf_counter()  # the accepted drafts before j are recorded already: the guards see them
@@ -362,8 +379,8 @@ class SpeculativeRound:
             return 0
         self.stats["ahead_rounds"] += 1
         self.stats["ahead_drafted"] += int(ahead.drafting.lengths.sum())
-        if self._pending is not None:  # the bonus position is undecided: the next round compares its own guess
-            self._pending.ahead = ahead
+        if self.pending is not None:  # the bonus position is undecided: the next round compares its own guess
+            self.pending.ahead = ahead
             return 0
         if ahead.hits(z, accepted, lengths, finished):
             self.stats["ahead_hits"] += 1

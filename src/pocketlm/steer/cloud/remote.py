@@ -154,18 +154,20 @@ class RemoteCloud:
         return self._scores()
 
     def extend(self, token_ids: torch.Tensor, candidates: list | None = None,
-               ask_before: list[list[int]] | None = None) -> list:
+               behind: list[tuple[int | None, list[list[int]]]] | None = None) -> list:
         """One `verify` round trip: T ids per live row up, T score rows per live row down (every format).
-        `candidates` (top-k only): per row and position, ids whose exact scores should come with the rows;
-        `ask_before` (top-k only): per row, ids asked about the row *before* the verify's ids (a bonus position
-        decided a round later, speculative.py): the ask goes up right behind the verify, `collect_ahead` reads it."""
+        `candidates` (top-k only): per row and position, ids whose exact scores should come with the rows.
+        `behind` (top-k only): asks that go up right behind the verify, in order, each (position, per live row
+        ids): position j of this verify, or None for the row before its ids (a bonus position decided a round
+        later, speculative.py); `collect_ahead` reads their answers in the same order. They leave before the
+        verify counts as sent, so an ask waiting on it (`ask_ahead`) can only follow them."""
         b, t = token_ids.shape
         extra = {} if candidates is None else {"candidates": candidates}
         self._send(wire.op("verify", ids=token_ids.tolist(), **extra))
+        for position, ids in behind or ():
+            if not self._ask_now(ids, position):
+                raise RemoteCloudError("internal: an ask to follow a verify had nothing to ask")
         self._sent_request()
-        if ask_before is not None and any(ask_before):
-            if not self.ask_ahead(ask_before, after=self.sent_count() - 1):
-                raise RemoteCloudError("internal: an ask about the row before a verify could not be sent")
         scores = self._scores()
         index = torch.arange(b) * t
         return [scores[index + j] for j in range(t)]
@@ -238,12 +240,17 @@ class RemoteTopK(Truncating, RemoteCloud):
         (the step or verify in flight, sent from the worker thread) has gone up, without waiting for an answer:
         the server answers a session's messages in order, so this answer follows that request's and
         `collect_ahead` reads it (downlink/pipelined.py). False (nothing sent) when asking is off or no row asks."""
-        rows = [p for p, i in enumerate(ids) if i]
-        if not self.ask or not rows:
+        if not self.ask or not any(ids):
             return False
         with self._sent_cv:  # the worker sends at once; if it has not within seconds it failed: ask on demand
             if not self._sent_cv.wait_for(lambda: self._sent_seq > after, timeout=min(self.timeout, AHEAD_WAIT_S)):
                 return False
+        return self._ask_now(ids, position)
+
+    def _ask_now(self, ids: list[list[int]], position: int | None) -> bool:
+        rows = [p for p, i in enumerate(ids) if i]
+        if not self.ask or not rows:
+            return False
         self._send(wire.op("exact", rows=rows, ids=[list(map(int, ids[p])) for p in rows], **self._at(position)),
                    ahead=True)
         self._pending.append((rows, [len(ids[p]) for p in rows], len(ids)))
