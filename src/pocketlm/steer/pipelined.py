@@ -23,6 +23,7 @@ import torch
 
 from .cloud_step import CloudStep
 from .downlink.candidates import candidate_ids, expected_asks
+from .downlink.certify import MAX_ASK
 from .downlink.topk import TopKLogits
 
 
@@ -84,8 +85,9 @@ class PipelinedAsks:
     def expected(self, dev) -> list[list[int]] | None:
         """Per live row, the ids certification is expected to ask about at the position whose device scores are
         `dev`: only where it is expected to ask at all (no floor of ids, unlike a verify's candidates), since an
-        ask in flight delays the step by the time its answer trails the rows."""
-        most = max(1, getattr(self.cloud, "max_verify_candidates", self.cloud.verify_candidates))
+        ask in flight delays the step by the time its answer trails the rows. Up to MAX_ASK ids: an `exact` has
+        no frame whose width every position shares, unlike a verify's candidates."""
+        most = MAX_ASK
         return position_candidates(self.e, self.plan, dev, 0, most, getattr(self.cloud, "k", 1))
 
     def riding(self, ids: list[list[int]]) -> None:
