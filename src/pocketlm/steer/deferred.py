@@ -1,16 +1,18 @@
-"""A verify's bonus position decided a round later, so that its certification asks ride with the next verify.
+"""A position decided a round later, so that its certification asks ride behind the next verify.
 
-Why. With the top-k downlink, a speculative verify carries its drafted positions' likely asks up front, but not
-its last (bonus) position's: the device scores that position while the verify travels (the overlap), so its asks
-can only follow a device step later, and their answer trails the verify's rows by about that step; the next round
-waits for it (BENCHMARKS.md, "The first token's asks, and what is left"). Instead, where the device expects that
-position to need asks, it is left undecided: the next round starts from it the way the first round starts from the
-prefill. Its cloud row (top-k) and device scores are at hand, so
+Why. With the top-k downlink a speculative verify carries its drafted positions' likely asks up front, but two
+positions have no device scores when their request leaves: the first (the device prefills the longer, private
+prompt while the `open` travels, so its asks could only follow the open once that is done: measured, a full
+round trip per generation) and a verify's last, bonus position (scored while the verify travels, so its asks
+follow a device step later). Where the device expects such a position to need asks it is left undecided, and the
+next round starts from it the way the first round starts from the prefill. Its cloud row (top-k) and device
+scores are at hand, so
 - its token is drafted from the *real* cloud row: fused with the cloud's known scores, and for the ids outside the
   top-k the device's plain score standing in for the cloud's (capped by the bound), then the guards;
 - exactly the ids certification will ask about there (every unknown id whose fused upper bound reaches the best
-  known score) go up right behind the next verify, as an `exact` about the server's `last` row (a server that
-  announces `last_after_rewind` keeps it at each row's newest kept row after a rewind);
+  known score; at most MAX_ASK) go up right behind the next verify, as an `exact` about the server's `last` row (a
+  server that announces `last_after_rewind` keeps it at each row's newest kept row after a rewind; before any
+  rewind it is the open's row);
 - the position is then decided in that round's `_verify` as position 0, with every guard and full certification,
   before the draft after it is judged: the tokens are those of sequential decoding.
 That round appends as many ids as one that starts from a decided token (the guess plus K drafts), so a right guess

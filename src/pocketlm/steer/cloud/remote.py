@@ -218,7 +218,7 @@ class RemoteTopK(Truncating, RemoteCloud):
         limit = self.info.get("limits", {}).get("max_candidates", wire.OLD_MAX_CANDIDATES)
         self.max_verify_candidates = min(wire.MAX_CANDIDATES, int(limit)) if ask else 0
         # the server's `last` follows a rewind: a verify's bonus position may be decided a round later, its asks
-        # riding behind the next verify (speculative.py, `SpeculativeRound._pending_round`)
+        # riding behind the next verify (steer/deferred.py)
         self.defers_bonus = ask and wire.LAST_AFTER_REWIND in self.info.get("features", [])
 
     def _open_fields(self) -> dict:
