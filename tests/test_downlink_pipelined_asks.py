@@ -12,6 +12,7 @@ from pocketlm.steer import SteerEngine, SteerRequest, parse_methods
 from pocketlm.steer.cloud.in_process import HFCloudBackend
 from pocketlm.steer.cloud.remote import RemoteTopK
 from pocketlm.steer.cloud.wire import RemoteCloudError
+from pocketlm.steer.pipelined import PipelinedAsks
 from pocketlm.steer.speculative import Speculation
 from serve_fixtures import IGNORE_UVICORN_WARNINGS, TOKEN, start_server
 
@@ -20,11 +21,21 @@ SECRET = "I am Ann Quist, a baker on Mill Road; I write tersely and I love the s
 QUERIES = ["Write a haiku.", "Tell me about the sea, please, in some detail.", "Why?"]
 
 
+def _no_asks_ahead(mp) -> None:
+    """No ask leaves before certification needs it: none in flight, none behind a verify."""
+    init = PipelinedAsks.__init__
+
+    def off(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.on = False
+    mp.setattr(PipelinedAsks, "__init__", off)
+
+
 def _decode(serve_pair, ms, reqs, speculate: int, pipelined: bool, monkeypatch):
     cloud, device, tok = serve_pair
     with monkeypatch.context() as mp:
         if not pipelined:
-            mp.setattr(RemoteTopK, "ask_ahead", lambda self, ids, after, position=None: False)
+            _no_asks_ahead(mp)
         with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
             engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(speculate))
             out = engine.generate(reqs, ms, max_new_tokens=20)
@@ -86,7 +97,7 @@ def test_the_first_tokens_asks_ride_with_the_open(serve_pair, monkeypatch, specu
     for pipelined in (False, True):
         with monkeypatch.context() as mp:
             if not pipelined:
-                mp.setattr(RemoteTopK, "ask_ahead", lambda self, ids, after, position=None: False)
+                _no_asks_ahead(mp)
             with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
                 engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(speculate))
                 outs[pipelined] = engine.generate(reqs, ms, max_new_tokens=1)

@@ -50,7 +50,7 @@ class Pending:
 def may_defer(rnd, cloud) -> bool:
     """Can this round leave its bonus position to the next one (see the module docstring)?"""
     e, plan = rnd.e, rnd.plan
-    if not (getattr(cloud, "defers_bonus", False) and e.partial and e.overlap and rnd.sampling.temperature == 0):
+    if not (getattr(cloud, "defers_bonus", False) and e.partial and rnd._asks(cloud).on):  # greedy, overlap on
         return False
     if plan.live.numel() != 1:
         return False

@@ -222,9 +222,13 @@ class SteerEngine:
         # where a bonus position may be decided a round later (deferred.py), so may the first: its asks then ride
         # behind the first verify instead of following the open (which costs a round trip when the device's
         # prefill, with the context, takes longer than the cloud's)
+        # elsewhere the first position is still drafted and verified in the first round, and its expected asks ride
+        # behind that verify (an ask without a position reads the open's row until the first rewind)
         first_later = may_defer(rnd, cloud)
+        asks = PipelinedAsks(self, plan, cloud, sampling)
+        rnd.first_behind = not first_later and asks.on and max(drafts) > 0 and max_new_tokens > 1
         cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts),
-                                None if first_later else PipelinedAsks(self, plan, cloud, sampling))
+                                None if first_later or rnd.first_behind else asks)
         t_decode = self.clock.start_decode()
         if first_later:
             rnd.pending = Pending(cl, dev)

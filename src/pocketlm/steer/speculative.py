@@ -90,6 +90,7 @@ class SpeculativeRound:
         self.pending: Pending | None = None  # a bonus position left to the next round (deferred.py)
         self._last_asks = False  # does the device expect the verify's last position to need asks?
         self._guessed: torch.Tensor | None = None  # a pending round's drafted token for its first position
+        self.first_behind = False  # the first position's asks go behind the first verify (set by the engine)
         for g in plan.gens:
             g.round_trips = 1  # the prefill
 
@@ -183,6 +184,10 @@ class SpeculativeRound:
         asks, full = self._asks(cloud), [int(length) == k_used for length in lengths.tolist()]
         defer = may_defer(self, cloud)
         self._last_asks = False
+        if ask_first is None and prefilled is not None and self.first_behind:
+            # the first round's first position (its asks did not follow the open): they ride behind this verify
+            ask_first = self._asks(cloud).expected(prefilled[1]) if self._asks(cloud).on else None
+        self.first_behind = False
         if ask_first is not None and any(ask_first):
             behind.insert(0, (None, ask_first))
         for _, ids_ in behind:  # they go up right behind the verify, in this order
