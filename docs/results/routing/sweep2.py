@@ -52,4 +52,5 @@ def main(out, names):
         print(json.dumps({k: res[k] for k in ("name", "train_s", "analysis_s")}), res["final"]["mean_ppl"],
               {u: round(r["gap"], 4) for u, r in res["routing"].items()}, flush=True)
 
-main(sys.argv[1], sys.argv[2:])
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -88,7 +88,6 @@ class SpeculativeRound:
         self._estimates: dict[str, float] = {}  # running means (s) of a verify and of a device step
         self._pipelined: PipelinedAsks | None = None  # asks sent while their verify is in flight
         self.pending: Pending | None = None  # a bonus position left to the next round (deferred.py)
-        self._last_asks = False  # does the device expect the verify's last position to need asks?
         self._guessed: torch.Tensor | None = None  # a pending round's drafted token for its first position
         self.first_behind = False  # the first position's asks go behind the first verify (set by the engine)
         for g in plan.gens:
@@ -145,7 +144,7 @@ class SpeculativeRound:
         no_drafts = torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long), []
         if int(budget.max()) == 0:  # nobody drafts: one ordinary step
             if pending is not None and pending.ahead is not None:
-                device.rewind(torch.full((n,), pending.ahead.drafting.stepped).to(self.dev_device))
+                self._drop_ahead(pending.ahead, device)
             if prefilled is not None:
                 return self._verify([prefilled[0]], [prefilled[1]], *no_drafts, cloud, device, offset=1)
             asks = self._asks(cloud)
@@ -183,10 +182,10 @@ class SpeculativeRound:
         # position may be left to the next round, whether it expects asks is noted (deferred.py)
         asks, full = self._asks(cloud), [int(length) == k_used for length in lengths.tolist()]
         defer = may_defer(self, cloud)
-        self._last_asks = False
+        last_asks = False  # does the device expect the verify's last position to need asks? (`then`, if defer)
         if ask_first is None and prefilled is not None and self.first_behind:
             # the first round's first position (its asks did not follow the open): they ride behind this verify
-            ask_first = self._asks(cloud).expected(prefilled[1]) if self._asks(cloud).on else None
+            ask_first = asks.expected(prefilled[1]) if asks.on else None
         self.first_behind = False
         if ask_first is not None and any(ask_first):
             behind.insert(0, (None, ask_first))
@@ -197,8 +196,9 @@ class SpeculativeRound:
         mark = asks.mark()
 
         def then(d):
+            nonlocal last_asks
             if defer:
-                self._last_asks = any(asks.expected(d) or [])
+                last_asks = any(asks.expected(d) or [])
                 return d
             return asks.send(d, mark, full, position=cloud_ids.shape[1] - 1)
         if nxt is not None:
@@ -219,11 +219,11 @@ class SpeculativeRound:
             plan.gens[r].drafted_tokens += int(lengths[p])
         answers = cl if prefilled is None else [first] + cl
         return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
-                            offset=0 if prefilled is None else 1, ahead=ahead, defer=defer and self._last_asks)
+                            offset=0 if prefilled is None else 1, ahead=ahead, defer=defer and last_asks)
 
     def _pending_draft(self, pending: Pending, budget: torch.Tensor, device) -> tuple[Drafting, list[list[int]]]:
-        """The draft of a round that starts at an undecided bonus position: its token is the best known id of
-        the real cloud row there (deferred.py); a draft written behind the same guess during the last verify is
+        """The draft of a round that starts at an undecided position: its token is chosen from the real cloud
+        row there (deferred.py, `pending_choice`); a draft written behind the same guess during the last verify is
         resumed, any other is rewound. Also returns the ids to ask about there, behind the verify."""
         n = self.plan.live.numel()
         tok, ok, ask_ids = pending_choice(self, pending)
@@ -234,10 +234,14 @@ class SpeculativeRound:
             self.stats["ahead_hits"] += 1
             return a.behind(pending.dev).run(device), ask_ids
         if a is not None:
-            device.rewind(torch.full((n,), a.drafting.stepped).to(self.dev_device))
+            self._drop_ahead(a, device)
         d = Drafting(self, pending.dev, budget, torch.zeros(n, dtype=torch.long))
         d.put(torch.arange(n), tok, ok)
         return d.run(device), ask_ids
+
+    def _drop_ahead(self, ahead: Ahead, device) -> None:
+        """Rewind the device steps a draft written ahead took (it was not kept)."""
+        device.rewind(torch.full((self.plan.live.numel(),), ahead.drafting.stepped).to(self.dev_device))
 
     def _asks(self, cloud) -> PipelinedAsks:
         if self._pipelined is None:
