@@ -122,7 +122,7 @@ def test_asks_too_wide_for_the_verify_ride_behind_it(serve_pair, monkeypatch):
     for behind in (False, True):
         with monkeypatch.context() as mp:
             if not behind:  # the asks can only ride in the frame (an ask too wide is cut to the frame's width)
-                mp.setattr("pocketlm.steer.speculative.MAX_ASK", 4)
+                mp.setattr("pocketlm.steer.pipelined.MAX_BEHIND", 4)
             with start_server(cloud, tok) as srv, RemoteTopK(srv.url, TOKEN, tokenizer=tok, k=2) as rc:
                 rc.verify_candidates, rc.max_verify_candidates = 1, 4  # a narrow frame
                 engine = SteerEngine(rc, tok, device, tok, overlap=True, speculate=Speculation(3))

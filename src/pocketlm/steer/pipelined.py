@@ -9,7 +9,8 @@ messages in order, so that answer arrives about a device step after the cloud's 
 after certification: the asks ride in the step's round trip. Used for the prefill (the first token, where the
 context shifts the scores the most: the device prefills while the open travels), every non-speculative step and
 the last position of a speculative verify (the one position whose device scores are computed during the verify;
-the others' candidates go up inside the verify itself), wherever the estimate expects an ask.
+the others' candidates go up inside the verify itself, `verify_candidates`, or right behind it, `VerifyAsks`),
+wherever the estimate expects an ask.
 
 Exactness is untouched: the extra ids come back exactly scored and are merged into the step's top-k as known
 ids; what they miss is asked for as before. What goes up is what `candidates` already sends with a verify.
@@ -25,6 +26,8 @@ from .cloud_step import CloudStep
 from .downlink.candidates import candidate_ids, expected_asks
 from .downlink.certify import MAX_ASK
 from .downlink.topk import TopKLogits
+
+MAX_BEHIND = MAX_ASK  # the most ids about one position that go up right behind a verify
 
 
 def position_candidates(engine, plan, dev, least: int, most: int, k: int) -> list[list[int]] | None:
@@ -122,4 +125,84 @@ class PipelinedAsks:
                           top.lse)
 
 
-__all__ = ["PipelinedAsks", "position_candidates"]
+def verify_candidates(engine, plan, asks: PipelinedAsks, cloud, dev_seq, lengths: torch.Tensor, positions: int,
+                      offset: int) -> tuple[dict, list[tuple[int, list[list[int]]]]]:
+    """For a top-k cloud that takes them (`verify_candidates` = the least per position): per row and verified
+    position of a speculative verify, the ids its certification is expected to ask about (downlink/candidates.py:
+    as many ids of largest delta as the device's stand-in for the cloud says will reach the best, at least the
+    least), so that those asks ride in the verify's round trip. Only rows whose rule uses the context, only
+    positions the row decides (verified position i decides draft index i + offset) and whose device scores exist
+    before the verify leaves (not the last one, stepped meanwhile: `VerifyAsks.then`). Returns (the verify's
+    keywords, asks to send right behind it): a position whose ids exceed the verify's `max_verify_candidates`
+    would widen every position of the frame to its count (one width for all), so where the cloud takes asks
+    behind a verify its ids (up to MAX_ASK) go up as an `exact` about that position instead."""
+    least = getattr(cloud, "verify_candidates", 0)
+    if not least:
+        return {}, []
+    n = plan.live.numel()
+    inline = max(least, getattr(cloud, "max_verify_candidates", least))
+    most = MAX_BEHIND if asks.on else inline
+    out = [[[] for _ in range(positions)] for _ in range(n)]
+    behind: list[tuple[int, list[list[int]]]] = []
+    for i in range(positions):
+        j = i + offset
+        if j >= len(dev_seq):
+            break
+        ids = position_candidates(engine, plan, dev_seq[j], least, most, getattr(cloud, "k", least))
+        if ids is None:
+            continue
+        extra = [[] for _ in range(n)]
+        for p in range(n):
+            if j <= int(lengths[p]):
+                if len(ids[p]) > inline:
+                    extra[p] = ids[p]
+                else:
+                    out[p][i] = ids[p]
+        if any(extra):
+            behind.append((i, extra))
+    return ({"candidates": out} if any(c for row in out for c in row) else {}), behind
+
+
+class VerifyAsks:
+    """The asks of one speculative verify besides its inline candidates: those riding right behind it (positions
+    too wide for its frame; the round's first position, `first`, as an `exact` without a position) and the one
+    that follows it in flight for its last position, whose device scores are made during the verify (rows that
+    drafted fewer, `full` False, decide an earlier position, whose asks went up inside the verify). Where the last
+    position may be left to the next round (`defer`, deferred.py), `then` only notes whether it expects asks."""
+
+    def __init__(self, asks: PipelinedAsks, kw: dict, behind: list, *, first: list[list[int]] | None, defer: bool,
+                 full: list[bool], last: int):
+        if first is not None and any(first):
+            behind.insert(0, (None, first))
+        for _, ids in behind:  # they go up right behind the verify, in this order
+            asks.riding(ids)
+        self.kw = dict(kw, behind=behind) if behind else kw
+        self.asks, self.behind, self.defer, self.full, self.last = asks, behind, defer, full, last
+        self.last_asks = False  # does the device expect the last position to need asks? (noted where `defer`)
+        self._mark = asks.mark()
+
+    def then(self, dev):
+        """Wraps the device step of the last position (run while the verify travels)."""
+        if self.defer:
+            self.last_asks = any(self.asks.expected(dev) or [])
+            return dev
+        return self.asks.send(dev, self._mark, self.full, position=self.last)
+
+    def merge(self, first, rows: list):
+        """Merge the answers into the verify's rows (in place) and into `first` (the prefill's or pending
+        position's answer, returned), in the order the asks went up."""
+        for position, _ in self.behind:
+            if position is None:
+                first = self.asks.merge(first)
+            else:
+                rows[position] = self.asks.merge(rows[position])
+        rows[-1] = self.asks.merge(rows[-1])  # the last position's ask in flight, if one went up
+        return first
+
+    @property
+    def defers(self) -> bool:
+        """Leave the last position to the next round: allowed, and the device expects it to need asks."""
+        return self.defer and self.last_asks
+
+
+__all__ = ["PipelinedAsks", "VerifyAsks", "position_candidates", "verify_candidates"]

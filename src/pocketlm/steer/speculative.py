@@ -31,9 +31,8 @@ import torch
 from ..errors import PocketLMError
 from .cloud_step import CloudStep
 from .deferred import Pending, may_defer, pending_choice
-from .downlink.certify import MAX_ASK
 from .drafting import Ahead, Drafting, draft_ahead, rows_of
-from .pipelined import PipelinedAsks, position_candidates
+from .pipelined import PipelinedAsks, VerifyAsks, verify_candidates
 from .plan import Choice, DecodePlan
 from .streams.device import DeviceScores
 
@@ -175,51 +174,30 @@ class SpeculativeRound:
         last = e.align.to_device(ids[:, -1]).to(self.dev_device)
         cloud_ids = e.align.to_cloud(ids)
         nxt = self._ahead_budget(emitted, lengths, k_used)
-        kw, behind = self._candidates(cloud, d.dev_seq, lengths, cloud_ids.shape[1], 0 if prefilled is None else 1)
-        ahead = None
-        # the last verified position's device scores are made during the verify: its asks follow it on the wire
-        # (rows that drafted fewer decide an earlier position, whose asks went up with the verify), or, where the
-        # position may be left to the next round, whether it expects asks is noted (deferred.py)
-        asks, full = self._asks(cloud), [int(length) == k_used for length in lengths.tolist()]
-        defer = may_defer(self, cloud)
-        last_asks = False  # does the device expect the verify's last position to need asks? (`then`, if defer)
+        asks = self._asks(cloud)
         if ask_first is None and prefilled is not None and self.first_behind:
             # the first round's first position (its asks did not follow the open): they ride behind this verify
             ask_first = asks.expected(prefilled[1]) if asks.on else None
         self.first_behind = False
-        if ask_first is not None and any(ask_first):
-            behind.insert(0, (None, ask_first))
-        for _, ids_ in behind:  # they go up right behind the verify, in this order
-            asks.riding(ids_)
-        if behind:
-            kw["behind"] = behind
-        mark = asks.mark()
-
-        def then(d):
-            nonlocal last_asks
-            if defer:
-                last_asks = any(asks.expected(d) or [])
-                return d
-            return asks.send(d, mark, full, position=cloud_ids.shape[1] - 1)
+        kw, behind = verify_candidates(e, plan, asks, cloud, d.dev_seq, lengths, cloud_ids.shape[1],
+                                       0 if prefilled is None else 1)
+        va = VerifyAsks(asks, kw, behind, first=ask_first, defer=may_defer(self, cloud),
+                        full=[int(length) == k_used for length in lengths.tolist()], last=cloud_ids.shape[1] - 1)
+        ahead = None
         if nxt is not None:
             cl, (dev_last, ahead) = self._verify_beside(cloud, cloud_ids, lambda stop: draft_ahead(
-                self, device, last, drafts, nxt, stop, then), kw)
+                self, device, last, drafts, nxt, stop, va.then), va.kw)
         else:
-            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", then=then, **kw)
-        first = prefilled[0] if prefilled is not None else None
-        for position, _ in behind:
-            if position is None:
-                first = asks.merge(first)
-            else:
-                cl[position] = asks.merge(cl[position])
-        cl[-1] = asks.merge(cl[-1])  # the last position's ask in flight, if one went up
+            cl, dev_last = e.clock.step(cloud, cloud_ids, device, last, e.overlap, cloud_op="extend", then=va.then,
+                                        **va.kw)
+        first = va.merge(prefilled[0] if prefilled is not None else None, cl)
         self._called()
         self.stats["drafted"] += int(lengths.sum())
         for p, r in enumerate(plan.live.tolist()):
             plan.gens[r].drafted_tokens += int(lengths[p])
         answers = cl if prefilled is None else [first] + cl
         return self._verify(answers, d.dev_seq + [dev_last], drafts, lengths, d.q_seq, cloud, device,
-                            offset=0 if prefilled is None else 1, ahead=ahead, defer=defer and last_asks)
+                            offset=0 if prefilled is None else 1, ahead=ahead, defer=va.defers)
 
     def _pending_draft(self, pending: Pending, budget: torch.Tensor, device) -> tuple[Drafting, list[list[int]]]:
         """The draft of a round that starts at an undecided position: its token is chosen from the real cloud
@@ -247,43 +225,6 @@ class SpeculativeRound:
         if self._pipelined is None:
             self._pipelined = PipelinedAsks(self.e, self.plan, cloud, self.sampling)
         return self._pipelined
-
-    def _candidates(self, cloud, dev_seq, lengths: torch.Tensor, positions: int, offset: int):
-        """For a top-k cloud that takes them (`verify_candidates` = the least per position): per row and verified
-        position, the ids its certification is expected to ask about (downlink/candidates.py: as many ids of
-        largest delta as the device's stand-in for the cloud says will reach the best, at least the least), so that
-        those asks ride in the verify's round trip. Only rows whose rule uses the context, only positions the row
-        decides (verified position i decides draft index i + offset) and whose device scores exist before the
-        verify leaves (not the last one, stepped meanwhile: its asks follow the verify on the wire,
-        `PipelinedAsks`). Returns (the verify's keywords, asks to send right behind it): a position whose ids
-        exceed the verify's `max_verify_candidates` would widen every position of the frame to its count (one
-        width for all), so where the cloud takes asks behind a verify its ids (up to MAX_ASK) go up as an `exact`
-        about that position instead, answered right after the rows."""
-        least = getattr(cloud, "verify_candidates", 0)
-        if not least:
-            return {}, []
-        n = self.plan.live.numel()
-        inline = max(least, getattr(cloud, "max_verify_candidates", least))
-        most = MAX_ASK if self._asks(cloud).on else inline
-        out = [[[] for _ in range(positions)] for _ in range(n)]
-        behind: list[tuple[int, list[list[int]]]] = []
-        for i in range(positions):
-            j = i + offset
-            if j >= len(dev_seq):
-                break
-            ids = position_candidates(self.e, self.plan, dev_seq[j], least, most, getattr(cloud, "k", least))
-            if ids is None:
-                continue
-            extra = [[] for _ in range(n)]
-            for p in range(n):
-                if j <= int(lengths[p]):
-                    if len(ids[p]) > inline:
-                        extra[p] = ids[p]
-                    else:
-                        out[p][i] = ids[p]
-            if any(extra):
-                behind.append((i, extra))
-        return ({"candidates": out} if any(c for row in out for c in row) else {}), behind
 
     def _verify_beside(self, cloud, cloud_ids, work, cloud_kw: dict):
         """The verify in the worker and `work(stop)` here: `stop()` says not to start another device step, because
