@@ -20,15 +20,21 @@ def routing_cmd(
     max_tokens: int = typer.Option(None, help="Analyse at most this many test tokens per user."),
     per_layer: bool = typer.Option(True, help="One table row per layer (else the per-user means only)."),
     threads: int = typer.Option(None, help="torch threads (default: torch's)."),
+    signal: bool = typer.Option(False, help="Also what the validation loss asks of the gates per bucket (the "
+                                            "token-level signal a router trained on it can follow)."),
 ) -> None:
     """Per user and layer: the gate weight on the specialist for held-out tokens, by how user-specific they are."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    doc = analyze_run(run, max_tokens=max_tokens)
+    doc = analyze_run(run, max_tokens=max_tokens, signal=signal)
     console.print(routing_table(doc, per_layer=per_layer))
     console.print(f"[dim]{doc['definition']}[/]")
+    if signal:
+        from ..eval.routing_signal import signal_table
+
+        console.print(signal_table(doc))
     folder = out or run
     write_json(doc, folder / "routing.json")
     png = plot_routing_buckets(doc, folder / "routing_tokens.png")

@@ -169,10 +169,11 @@ def _run_config(run_dir: Path):
 
 
 def analyze_run(run_dir: str | Path, *, workspace=None, max_tokens: int | None = None,
-                users: list[str] | None = None) -> dict:
+                users: list[str] | None = None, signal: bool = False) -> dict:
     """Routing analysis of every user of a finished run (`users/<user>/` adapters + `history.json`) on the
     user's test split (capped by the run's `max_eval_tokens`, then by `max_tokens`). `workspace`: a
-    `collab.Workspace` of the same config (tests, sweeps), else loaded from the run's config."""
+    `collab.Workspace` of the same config (tests, sweeps), else loaded from the run's config. `signal`: also
+    what the validation loss asks of the gates (eval.routing_signal), on the validation split (same caps)."""
     from ..collab import Workspace
     from ..collab.simulation import eval_stream
     from ..moe.personal import load_personal
@@ -196,8 +197,15 @@ def analyze_run(run_dir: str | Path, *, workspace=None, max_tokens: int | None =
         stream = eval_stream(ws.data[u], cfg)
         if max_tokens:
             stream = stream[:max_tokens]
-        out["users"][u] = analyze_model(model, stream, specificity(train, u), block_len=cfg.seq_len,
-                                        batch_size=cfg.eval_batch_size, pad_id=ws.pad_id)
+        r = specificity(train, u)
+        out["users"][u] = analyze_model(model, stream, r, block_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
+                                        pad_id=ws.pad_id)
+        if signal:
+            from .routing_signal import analyze_signal
+
+            val = ws.data[u].val[: cfg.max_eval_tokens] if cfg.max_eval_tokens else ws.data[u].val
+            out["users"][u]["signal"] = analyze_signal(model, val[:max_tokens] if max_tokens else val, r,
+                                                       block_len=cfg.seq_len, pad_id=ws.pad_id)
     if not out["users"]:
         raise PocketLMError(f"no user of {run} has a router ({strategy}): nothing to analyse")
     gaps = [d["gap"] for d in out["users"].values() if d["gap"] is not None]
