@@ -145,11 +145,13 @@ def signal_table(doc: dict):
     from rich.table import Table
 
     t = Table(title="what the validation loss asks of the gates (want = -dL/d(specialist - generalist weight) "
-                    f"x {SCALE:g}, mean over layers; {doc.get('strategy')}, router {doc.get('router')})")
-    for c in ("user", *BUCKETS, "want gap", "layers asking / against", "weight gap", "corr"):
+                    f"x {SCALE:g}, mean over layers; {doc.get('strategy')}, router {doc.get('router')})",
+              caption="gap: specific - shared; layers +/-: layers whose want gap is > 2 / < -2 standard errors; "
+                      "w gap: the router's specialist weight gap; corr: of weight and want over tokens")
+    for c in ("user", *BUCKETS, "gap", "layers +/-", "w gap", "corr"):
         t.add_column(c, justify="left" if c == "user" else "right")
 
-    def f(x, p=2):
+    def f(x, p=1):
         return "-" if x is None else f"{x:+.{p}f}"
 
     for u, d in doc["users"].items():
@@ -157,7 +159,7 @@ def signal_table(doc: dict):
         if s is None:
             continue
         t.add_row(u, *[f(s["want"][b]) for b in BUCKETS], f(s["want_gap"]),
-                  f"{s['layers_asking']} / {s['layers_against']} of {len(s['layers'])}", f(s["weight_gap"], 3),
+                  f"{s['layers_asking']}/{s['layers_against']}", f(s["weight_gap"], 3),
                   f(s["corr"], 3))
     return t
 
