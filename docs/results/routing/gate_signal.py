@@ -31,5 +31,5 @@ for arg in sys.argv[2:]:
               f"gap {s['want_gap']:+.2f} layers asking/against {s['layers_asking']}/{s['layers_against']} of "
               f"{len(s['layers'])}; weight gap {s['weight_gap']:+.3f} corr {s['corr']:+.3f}", flush=True)
 res["seconds"] = time.time() - t0
-Path(sys.argv[1]).write_text(json.dumps(res, indent=1))
+Path(sys.argv[1]).write_text(json.dumps(res, separators=(",", ":")))
 print("seconds", round(res["seconds"]))
