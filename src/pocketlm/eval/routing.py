@@ -119,10 +119,15 @@ def record_gates(model: nn.Module, stream: torch.Tensor, *, block_len: int = 128
     return blocks.input_ids.flatten()[real], [log.gates()[real] for log in logs]
 
 
+def token_buckets(ids: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Bucket index of each position's input id (ids beyond `r`, in no training split, are `unseen`)."""
+    r = torch.cat([r, torch.full((max(0, int(ids.max()) + 1 - r.numel()),), float("nan"))]) if ids.numel() else r
+    return bucket_of(r[ids])
+
+
 def summarize(ids: torch.Tensor, gates: list[torch.Tensor], r: torch.Tensor, specialists: list[list[int]]) -> dict:
     """Per layer and bucket: mean specialist weight and token count; `gap`; the means over layers."""
-    r = torch.cat([r, torch.full((max(0, int(ids.max()) + 1 - r.numel()),), float("nan"))]) if ids.numel() else r
-    buckets = bucket_of(r[ids])
+    buckets = token_buckets(ids, r)
     counts = {b: int((buckets == i).sum()) for i, b in enumerate(BUCKETS)}
     layers = []
     for i, (g, experts) in enumerate(zip(gates, specialists, strict=True)):
@@ -269,5 +274,5 @@ def plot_routing_buckets(doc: dict, path: str | Path, title: str = "") -> Path:
 
 
 __all__ = ["BUCKETS", "DEFINITION", "GateLog", "analyze_model", "analyze_run", "bucket_of", "plot_routing_buckets",
-           "record_gates", "routing_table", "specialist_experts", "specificity", "summarize"]
+           "record_gates", "routing_table", "specialist_experts", "specificity", "summarize", "token_buckets"]
 

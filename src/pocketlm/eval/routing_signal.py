@@ -25,7 +25,7 @@ from torch import nn
 from ..data.packing import pack_blocks
 from ..errors import PocketLMError
 from ..moe import mixture_layers
-from .routing import BUCKETS, bucket_of, specialist_experts
+from .routing import BUCKETS, _mean, specialist_experts, token_buckets
 
 SCALE = 1e3
 
@@ -90,8 +90,7 @@ def summarize_signal(ids: torch.Tensor, gates: list[torch.Tensor], grads: list[t
                      specialists: list[list[int]], r: torch.Tensor) -> dict:
     """Per layer and bucket: mean `want`, its share of positive tokens, the specialist weight; `want_gap` and its
     z-score, `weight_gap`, `corr`; the means over layers and the counts of layers whose z is beyond +-2."""
-    r = torch.cat([r, torch.full((max(0, int(ids.max()) + 1 - r.numel()),), float("nan"))]) if ids.numel() else r
-    bk = bucket_of(r[ids])
+    bk = token_buckets(ids, r)
     sel = {b: bk == j for j, b in enumerate(BUCKETS)}
     layers = []
     for g, d, experts in zip(gates, grads, specialists, strict=True):
@@ -115,17 +114,13 @@ def summarize_signal(ids: torch.Tensor, gates: list[torch.Tensor], grads: list[t
         lay["corr"] = float(torch.corrcoef(both)[0, 1]) if bool((both.std(-1) > 0).all()) else 0.0
         layers.append(lay)
 
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return sum(xs) / len(xs) if xs else None
-
     out = {"tokens": {b: int(s.sum()) for b, s in sel.items()}, "layers": layers}
     for key in ("want", "want_positive", "weight"):
-        out[key] = {b: mean([lay[key][b] for lay in layers]) for b in BUCKETS}
-    out["want_gap"] = mean([lay["want_gap"] for lay in layers])
+        out[key] = {b: _mean([lay[key][b] for lay in layers]) for b in BUCKETS}
+    out["want_gap"] = _mean([lay["want_gap"] for lay in layers])
     ws, wc = out["weight"]["specific"], out["weight"]["shared"]
     out["weight_gap"] = None if ws is None or wc is None else ws - wc
-    out["corr"] = mean([lay["corr"] for lay in layers])
+    out["corr"] = _mean([lay["corr"] for lay in layers])
     zs = [lay["want_gap_z"] for lay in layers if lay["want_gap_z"] is not None]
     out["layers_asking"] = sum(z > 2 for z in zs)        # the loss asks for the paper's routing
     out["layers_against"] = sum(z < -2 for z in zs)      # it asks for the opposite

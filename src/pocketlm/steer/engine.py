@@ -225,7 +225,7 @@ class SteerEngine:
         # elsewhere the first position is still drafted and verified in the first round, and its expected asks ride
         # behind that verify (an ask without a position reads the open's row until the first rewind)
         first_later = may_defer(rnd, cloud)
-        asks = PipelinedAsks(self, plan, cloud, sampling)
+        asks = rnd._asks(cloud)  # the round's own (may_defer made it): the prefill's ask is merged before round 1
         rnd.first_behind = not first_later and asks.on and max(drafts) > 0 and max_new_tokens > 1
         cl, dev = self._prefill(requests, plan, cloud, device, max_new_tokens + max(drafts),
                                 None if first_later or rnd.first_behind else asks)
